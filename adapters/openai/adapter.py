@@ -1,0 +1,208 @@
+"""The adapter for vLLM or any other OpenAI-compatible server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import msgspec
+
+from adapters.base import AdapterContext, BackendConfig
+from adapters.sse import SSEDecoder
+from adapters.tokens import estimate_prompt_tokens, estimate_tokens
+from adapters.types import (
+    ChatChunk,
+    ChatRequest,
+    ChatResult,
+    UpstreamAuthError,
+    UpstreamBadRequest,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    Usage,
+)
+from adapters.openai.wire import UpstreamErrorDetail, UpstreamResponse
+
+_decode_response = msgspec.json.Decoder(UpstreamResponse).decode
+_encode = msgspec.json.Encoder().encode
+
+
+class OpenAIBackend(BackendConfig, tag="openai"):
+    base_url: str  # the API root including /v1, e.g. http://127.0.0.1:8000/v1
+    model: str
+    api_key: str = ""
+
+
+def to_openai(req: ChatRequest, model: str) -> dict[str, Any]:
+    """The upstream body: the normalised fields, then the client's vendor extras."""
+    body: dict[str, Any] = {"model": model}
+    if req.is_chat:
+        body["messages"] = [msgspec.to_builtins(m) for m in req.messages or ()]
+    else:
+        body["prompt"] = req.prompt
+    for field in ("max_tokens", "temperature", "top_p", "top_k", "presence_penalty",
+                  "frequency_penalty", "seed", "stop"):
+        value = getattr(req, field)
+        if value is not None:
+            body[field] = value
+    if req.extra:
+        body.update(req.extra)
+    if req.stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def _error_message(resp: UpstreamResponse | None, raw: bytes) -> str:
+    if resp is not None:
+        if isinstance(resp.error, UpstreamErrorDetail) and resp.error.message:
+            return resp.error.message
+        if isinstance(resp.error, str):
+            return resp.error
+        if resp.message:
+            return resp.message
+    return raw[:300].decode("utf-8", "replace") or "no body"
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value:
+            try:
+                return float(value) * scale
+            except ValueError:
+                return None
+    return None
+
+
+def error_from_status(backend: str, status: int, headers: httpx.Headers, raw: bytes) -> UpstreamError:
+    try:
+        parsed: UpstreamResponse | None = _decode_response(raw) if raw else None
+    except msgspec.DecodeError:
+        parsed = None
+    detail = _error_message(parsed, raw)
+    if status == 429:
+        return UpstreamRateLimited(f"backend {backend} is rate limiting: {detail}",
+                                   retry_after=_retry_after(headers))
+    if status in (401, 403):
+        return UpstreamAuthError(f"backend {backend} refused the gateway's credentials ({status})")
+    if status == 404:
+        return UpstreamUnavailable(f"backend {backend} does not serve this model: {detail}",
+                                   retryable=False, code="upstream_model_not_found")
+    if status in (400, 413, 422):
+        return UpstreamBadRequest(detail)
+    if status in (408, 504):
+        return UpstreamTimeout(f"backend {backend} timed out ({status})")
+    return UpstreamUnavailable(f"backend {backend} failed with HTTP {status}: {detail}",
+                               retry_after=_retry_after(headers))
+
+
+class OpenAIAdapter:
+    def __init__(self, cfg: OpenAIBackend, ctx: AdapterContext) -> None:
+        self.name = ctx.name
+        self.cfg = cfg
+        headers = {"content-type": "application/json"}
+        if cfg.api_key:
+            headers["authorization"] = f"Bearer {cfg.api_key}"
+        t = cfg.timeout
+        self.client = httpx.AsyncClient(
+            base_url=cfg.base_url.rstrip("/"),
+            headers=headers,
+            timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.read, pool=t.connect),
+            limits=httpx.Limits(max_connections=cfg.max_connections,
+                                max_keepalive_connections=cfg.max_connections),
+        )
+
+    def _path(self, req: ChatRequest) -> str:
+        return "/chat/completions" if req.is_chat else "/completions"
+
+    def _transport_error(self, exc: httpx.HTTPError) -> UpstreamError:
+        if isinstance(exc, httpx.TimeoutException):
+            phase = "connecting to" if isinstance(exc, httpx.ConnectTimeout) else "waiting for"
+            return UpstreamTimeout(f"timed out {phase} backend {self.name}")
+        return UpstreamUnavailable(f"cannot reach backend {self.name}: {type(exc).__name__}")
+
+    async def complete(self, req: ChatRequest) -> ChatResult:
+        body = _encode(to_openai(req, self.cfg.model))
+        try:
+            resp = await self.client.post(self._path(req), content=body)
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from None
+        if resp.status_code != 200:
+            raise error_from_status(self.name, resp.status_code, resp.headers, resp.content)
+        try:
+            data = _decode_response(resp.content)
+        except msgspec.DecodeError:
+            raise UpstreamProtocolError(f"backend {self.name} sent malformed JSON") from None
+        if data.error is not None or not data.choices:
+            raise UpstreamProtocolError(
+                f"backend {self.name} sent no choices: {_error_message(data, resp.content)}")
+        choice = data.choices[0]
+        text = (choice.message.content if choice.message else choice.text) or ""
+        return ChatResult(text=text, finish_reason=choice.finish_reason or "stop",
+                          usage=self._usage(data, req, text), id=data.id, model=data.model)
+
+    def _usage(self, data: UpstreamResponse, req: ChatRequest, text: str) -> Usage:
+        if data.usage is not None:
+            return Usage(data.usage.prompt_tokens, data.usage.completion_tokens, "reported")
+        return Usage(estimate_prompt_tokens(req), estimate_tokens(text), "estimated")
+
+    async def stream(self, req: ChatRequest) -> AsyncIterator[ChatChunk]:
+        body = _encode(to_openai(req, self.cfg.model))
+        request = self.client.build_request("POST", self._path(req), content=body)
+        try:
+            resp = await self.client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from None
+        try:
+            if resp.status_code != 200:
+                raw = await resp.aread()
+                raise error_from_status(self.name, resp.status_code, resp.headers, raw)
+            async for chunk in self._read_stream(resp, req):
+                yield chunk
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from None
+        finally:
+            await resp.aclose()
+
+    async def _read_stream(self, resp: httpx.Response, req: ChatRequest) -> AsyncIterator[ChatChunk]:
+        decoder = SSEDecoder()
+        finish: str | None = None
+        usage: Usage | None = None
+        produced: list[str] = []
+        async for raw in resp.aiter_raw():
+            for event in decoder.feed(raw):
+                if event.data == "[DONE]":
+                    if usage is None:
+                        usage = Usage(estimate_prompt_tokens(req),
+                                      estimate_tokens("".join(produced)), "estimated")
+                    yield ChatChunk(finish_reason=finish or "stop", usage=usage)
+                    return
+                try:
+                    data = _decode_response(event.data)
+                except msgspec.DecodeError:
+                    raise UpstreamProtocolError(
+                        f"backend {self.name} sent a malformed stream event") from None
+                if data.error is not None:
+                    raise UpstreamUnavailable(
+                        f"backend {self.name} failed mid-stream: {_error_message(data, b'')}")
+                if data.usage is not None:
+                    usage = Usage(data.usage.prompt_tokens, data.usage.completion_tokens, "reported")
+                for choice in data.choices[:1]:
+                    piece = choice.delta.content if choice.delta else choice.text
+                    if choice.finish_reason:
+                        finish = choice.finish_reason
+                    if piece:
+                        produced.append(piece)
+                        yield ChatChunk(text=piece)
+        raise UpstreamProtocolError(f"backend {self.name} ended the stream without [DONE]")
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def build(cfg: OpenAIBackend, ctx: AdapterContext) -> OpenAIAdapter:
+    return OpenAIAdapter(cfg, ctx)
