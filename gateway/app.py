@@ -1,0 +1,155 @@
+"""`create_app(config)`: the only place that wires the gateway together.
+
+`Gateway` owns what lives for a config's lifetime (adapters, router, pipeline, doors) and the
+store, which outlives reloads so that limit counters are never reset. Nothing here reads the
+environment; the CLI loads the config and passes it in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import msgspec
+from litestar import Litestar, MediaType, Request, Response, get, post
+from litestar.handlers import asgi
+
+from adapters.base import Adapter, AdapterContext
+from adapters.registry import build_adapter
+from gateway.asgi import Receive, Scope, Send
+from gateway.auth import KeyRing
+from gateway.config import Config, ConfigError, load_config
+from gateway.errors import AuthenticationFailed, GatewayError
+from gateway.inbound.openai import OpenAIDoor, error_body
+from gateway.pipeline import Pipeline
+from gateway.routing import Router
+from gateway.store import Store, open_store
+
+log = logging.getLogger("llm_gateway")
+
+
+class Routes:
+    """Everything built from one config: replaced whole on reload."""
+
+    def __init__(self, config: Config, store: Store) -> None:
+        self.config = config
+        self.keyring = KeyRing(config)
+        self.adapters: dict[str, Adapter] = {
+            name: build_adapter(cfg, AdapterContext(name=name, state=store))
+            for name, cfg in config.backends.items()
+        }
+        self.router = Router(config, self.adapters)
+        self.pipeline = Pipeline(config, self.keyring, self.adapters, self.router)
+        self.openai = OpenAIDoor(self.pipeline)
+
+    async def aclose(self) -> None:
+        for adapter in self.adapters.values():
+            try:
+                await adapter.aclose()
+            except Exception:  # closing is best effort
+                log.exception("closing adapter %s failed", adapter.name)
+
+
+class Gateway:
+    def __init__(self, config: Config, config_path: str | Path | None = None) -> None:
+        self.config_path = config_path
+        self.store = open_store(config.store.url, config.store.timeout_ms)
+        self.routes = Routes(config, self.store)
+
+    async def reload(self) -> str:
+        """Re-read the YAML; swap routes atomically, or keep the old ones if it is invalid."""
+        if self.config_path is None:
+            raise ConfigError("this gateway was not started from a config file")
+        config = load_config(self.config_path)
+        old, self.routes = self.routes, Routes(config, self.store)
+        log.info("config reloaded from %s", self.config_path)
+        # In-flight requests hold references to the old routes; let them finish on the old
+        # connection pools, which are garbage collected with the last of them.
+        del old
+        return "reloaded"
+
+    async def aclose(self) -> None:
+        await self.routes.aclose()
+        await self.store.aclose()
+
+
+def _admin(request: Request, gw: Gateway) -> None:
+    key = gw.routes.config.admin.key
+    auth = request.headers.get("authorization", "")
+    if not key or auth != f"Bearer {key}":
+        raise AuthenticationFailed("admin routes need Authorization: Bearer <admin key>")
+
+
+def _error_response(err: GatewayError) -> Response[bytes]:
+    return Response(error_body(err), status_code=err.status, media_type=MediaType.JSON)
+
+
+def create_app(config: Config, config_path: str | Path | None = None) -> Litestar:
+    gw = Gateway(config, config_path)
+
+    @asgi("/v1/chat/completions", is_mount=False, copy_scope=False)
+    async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
+        await gw.routes.openai.chat_completions(scope, receive, send)
+
+    @asgi("/v1/completions", is_mount=False, copy_scope=False)
+    async def completions(scope: Scope, receive: Receive, send: Send) -> None:
+        await gw.routes.openai.completions(scope, receive, send)
+
+    @get("/v1/models", media_type=MediaType.JSON)
+    async def models(request: Request) -> Response[bytes]:
+        auth = request.headers.get("authorization", "")
+        secret = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+        return Response(gw.routes.openai.models(secret), media_type=MediaType.JSON)
+
+    @get("/healthz", media_type=MediaType.JSON)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @get("/readyz", media_type=MediaType.JSON)
+    async def readyz() -> Response[dict[str, object]]:
+        store_ok = await gw.store.ping()
+        body = {"status": "ready" if store_ok else "degraded", "store": gw.store.engine,
+                "store_ok": store_ok, "aliases": len(gw.routes.config.models)}
+        return Response(body, status_code=200 if store_ok else 503)
+
+    @post("/admin/reload", media_type=MediaType.JSON, status_code=200)
+    async def admin_reload(request: Request) -> Response[bytes]:
+        _admin(request, gw)
+        try:
+            await gw.reload()
+        except ConfigError as exc:
+            log.error("config reload refused: %s", exc)
+            return Response(msgspec.json.encode({"status": "refused", "error": str(exc)}),
+                            status_code=400, media_type=MediaType.JSON)
+        return Response(b'{"status":"reloaded"}', media_type=MediaType.JSON)
+
+    def on_gateway_error(_: Request, exc: GatewayError) -> Response[bytes]:
+        return _error_response(exc)
+
+    def on_unexpected(_: Request, exc: Exception) -> Response[bytes]:
+        status = getattr(exc, "status_code", 500)
+        if status >= 500:
+            log.exception("unhandled error", exc_info=exc)
+        message = getattr(exc, "detail", None) or "The server had an error while processing your request."
+        return _error_response(GatewayError(str(message), status=status,
+                                            code="not_found" if status == 404 else None))
+
+    @asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await gw.aclose()
+
+    app = Litestar(
+        route_handlers=[chat_completions, completions, models, healthz, readyz, admin_reload],
+        exception_handlers={GatewayError: on_gateway_error, Exception: on_unexpected},
+        lifespan=[lifespan],
+        openapi_config=None,
+        debug=False,
+        logging_config=None,
+    )
+    app.state.gateway = gw
+    return app

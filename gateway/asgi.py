@@ -1,0 +1,103 @@
+"""Small raw-ASGI helpers for the hot routes (the two chat doors).
+
+The chat routes are plain ASGI callables mounted in Litestar: they read the body once,
+write pre-built header lists, and watch for the client going away while streaming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+JSON = (b"content-type", b"application/json")
+SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+       (b"x-accel-buffering", b"no")]
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(receive: Receive, limit: int = 8 * 1024 * 1024) -> bytes:
+    msg = await receive()
+    body = msg.get("body", b"")
+    while msg.get("more_body"):
+        msg = await receive()
+        body += msg.get("body", b"")
+        if len(body) > limit:
+            raise BodyTooLarge
+    return body
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    for k, v in scope["headers"]:
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+def bearer(scope: Scope) -> str | None:
+    value = header(scope, b"authorization")
+    if value and value[:7].lower() == "bearer ":
+        return value[7:].strip()
+    return None
+
+
+def request_id(scope: Scope) -> str:
+    rid = header(scope, b"x-request-id")
+    if rid and len(rid) <= 128 and rid.isprintable():
+        return rid
+    return "req-" + secrets.token_hex(12)
+
+
+def encode_headers(pairs: dict[str, str]) -> Headers:
+    return [(k.encode(), v.encode("latin-1")) for k, v in pairs.items()]
+
+
+async def send_response(send: Send, status: int, body: bytes, headers: Headers) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def stream_response(send: Send, receive: Receive, status: int, headers: Headers,
+                          events: AsyncIterator[bytes]) -> bool:
+    """Send `events` as they come. If the client disconnects, stop at once: the task
+    iterating `events` is cancelled, so whatever it awaits upstream is abandoned, and
+    `events` is closed. Returns False when the client went away."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                gone = True
+                task.cancel()
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        async for data in events:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        # The cancel was ours; swallow it so the server sees a normal end of the handler.
+        task.uncancel()
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(Exception):
+            await events.aclose()  # type: ignore[attr-defined]
+    return not gone

@@ -1,0 +1,109 @@
+"""`llm-gateway serve | check | demo`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from gateway.config import Config, ConfigError, load_config
+
+_CONFIG_ENV = "LLM_GATEWAY_CONFIG"
+
+
+def app_factory():  # type: ignore[no-untyped-def]
+    """uvicorn worker entry point (`--workers N`): the config path comes from the parent."""
+    from gateway.app import create_app
+
+    path = os.environ[_CONFIG_ENV]
+    return create_app(load_config(path), config_path=path)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    config = load_config(args.config)
+    host = args.host or config.server.host
+    port = args.port if args.port is not None else config.server.port
+    workers = args.workers or config.server.workers
+    opts = {"host": host, "port": port, "log_level": args.log_level, "access_log": False,
+            "loop": "uvloop", "http": "httptools", "timeout_graceful_shutdown": 30}
+    if workers > 1:
+        os.environ[_CONFIG_ENV] = str(Path(args.config).resolve())
+        uvicorn.run("gateway.cli:app_factory", factory=True, workers=workers, **opts)
+    else:
+        from gateway.app import create_app
+
+        uvicorn.run(create_app(config, config_path=args.config), **opts)
+    return 0
+
+
+def describe(config: Config) -> str:
+    """The aliases -> backends table that `check` prints."""
+    rows = [("alias", "strategy", "targets", "fallbacks", "timeouts (s)")]
+    for alias, route in config.models.items():
+        targets = ", ".join(
+            f"{t.backend}({config.backends[t.backend].__struct_config__.tag}"
+            + (f", w={t.weight:g}" if route.strategy == "weighted" else "")
+            + (f", p={t.priority}" if route.strategy == "priority" and t.priority else "") + ")"
+            for t in route.targets)
+        timeouts = "; ".join(
+            f"{t.backend}: " + ", ".join(f"{k}={v:g}" for k, v in _timeouts(config, t.backend))
+            for t in route.targets)
+        rows.append((alias, route.strategy, targets, ", ".join(route.fallbacks) or "-", timeouts))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def _timeouts(config: Config, backend: str) -> list[tuple[str, float]]:
+    import msgspec
+
+    t = msgspec.structs.asdict(config.backends[backend].timeout)
+    return [(k, v) for k, v in t.items() if isinstance(v, int | float)]
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(f"{args.config}: OK ({len(config.backends)} backends, {len(config.models)} aliases, "
+          f"{len(config.keys)} keys, store {config.store.url.split('@')[-1]})")
+    print(describe(config))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return run_demo(host=args.host or "127.0.0.1", port=args.port or 8080)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llm-gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", required=True)
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int)
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=_serve)
+    check = sub.add_parser("check", help="validate a config and print its routes")
+    check.add_argument("--config", required=True)
+    check.set_defaults(func=_check)
+    demo = sub.add_parser("demo", help="run the gateway in front of built-in emulators")
+    demo.add_argument("--host")
+    demo.add_argument("--port", type=int)
+    demo.set_defaults(func=_demo)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
