@@ -106,3 +106,27 @@ def gateway_process(config_path: Path, port: int | None = None, env: dict[str, s
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@contextmanager
+def start_gateway(config_text: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """The gateway app from a YAML text, served by uvicorn in a thread on loopback; yields its URL.
+
+    Use `gateway_process` instead when a test needs a separate OS process (two gateways
+    sharing one Redis, killing a process)."""
+    from adapters.loopback import LoopbackServer
+    from gateway.app import create_app
+    from gateway.config import parse_config
+
+    config = parse_config(config_text, "<test>", env=env if env is not None else {})
+    server = LoopbackServer(create_app(config)).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def write_config(tmp_dir: Path, text: str, name: str = "gateway.yaml") -> Path:
+    path = Path(tmp_dir) / name
+    path.write_text(text)
+    return path

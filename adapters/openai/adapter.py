@@ -9,6 +9,7 @@ import httpx
 import msgspec
 
 from adapters.base import AdapterContext, BackendConfig
+from adapters.openai.wire import UpstreamErrorDetail, UpstreamResponse
 from adapters.sse import SSEDecoder
 from adapters.tokens import estimate_prompt_tokens, estimate_tokens
 from adapters.types import (
@@ -24,7 +25,6 @@ from adapters.types import (
     UpstreamUnavailable,
     Usage,
 )
-from adapters.openai.wire import UpstreamErrorDetail, UpstreamResponse
 
 _decode_response = msgspec.json.Decoder(UpstreamResponse).decode
 _encode = msgspec.json.Encoder().encode
