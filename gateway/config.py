@@ -200,14 +200,28 @@ def _explain(exc: msgspec.ValidationError, source: str, root: yaml.Node | None,
     return ConfigError(f"{where}: {key}: {message}")
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a long run of digits (a hex digest that happens to
+    hold no letter, a numeric token) stays the string it was written as."""
+
+
+def _int_or_digits(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int | str:
+    text = loader.construct_scalar(node)
+    if len(text) > 18 or (len(text) > 1 and text[0] == "0" and text.isdigit()):
+        return text
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _int_or_digits)
+
 _NAMED_SECTIONS = (("backends", BackendUnion), ("models", ModelAlias), ("users", UserConfig))
 
 
 def parse_config(text: str, source: str = "<config>", env: dict[str, str] | None = None) -> Config:
     text = _interpolate(text, source, dict(os.environ) if env is None else env)
     try:
-        root = yaml.compose(text)
-        raw = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=_Loader)
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
