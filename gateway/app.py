@@ -7,7 +7,10 @@ environment; the CLI loads the config and passes it in.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,7 +27,7 @@ from gateway.config import Config, ConfigError, load_config
 from gateway.errors import AuthenticationFailed, GatewayError
 from gateway.inbound.openai import OpenAIDoor, error_body
 from gateway.pipeline import Pipeline
-from gateway.routing import Router
+from gateway.routing import BackendStats, Router
 from gateway.store import Store, open_store
 
 log = logging.getLogger("llm_gateway")
@@ -33,18 +36,22 @@ log = logging.getLogger("llm_gateway")
 class Routes:
     """Everything built from one config: replaced whole on reload."""
 
-    def __init__(self, config: Config, store: Store) -> None:
+    def __init__(self, config: Config, store: Store, stats: dict[str, BackendStats]) -> None:
         self.config = config
         self.keyring = KeyRing(config)
         self.adapters: dict[str, Adapter] = {
             name: build_adapter(cfg, AdapterContext(name=name, state=store))
             for name, cfg in config.backends.items()
         }
-        self.router = Router(config, self.adapters)
+        self.router = Router(config, self.adapters, store, stats)
         self.pipeline = Pipeline(config, self.keyring, self.adapters, self.router)
         self.openai = OpenAIDoor(self.pipeline)
 
+    def start(self) -> None:
+        self.router.cooldowns.start()
+
     async def aclose(self) -> None:
+        await self.router.cooldowns.aclose()
         for adapter in self.adapters.values():
             try:
                 await adapter.aclose()
@@ -56,21 +63,42 @@ class Gateway:
     def __init__(self, config: Config, config_path: str | Path | None = None) -> None:
         self.config_path = config_path
         self.store = open_store(config.store.url, config.store.timeout_ms)
-        self.routes = Routes(config, self.store)
+        self.stats: dict[str, BackendStats] = {}  # survives reloads, like the store's counters
+        self.routes = Routes(config, self.store, self.stats)
+        self._retired: set[asyncio.Task[None]] = set()
 
-    async def reload(self) -> str:
-        """Re-read the YAML; swap routes atomically, or keep the old ones if it is invalid."""
+    async def reload(self) -> None:
+        """Re-read the YAML; swap routes atomically, or keep the old ones if it is invalid.
+
+        Raises ConfigError (the old routes keep serving). In-flight requests finish on the old
+        routes; their connection pools are closed after a grace period."""
         if self.config_path is None:
             raise ConfigError("this gateway was not started from a config file")
         config = load_config(self.config_path)
-        old, self.routes = self.routes, Routes(config, self.store)
+        if config.store.url != self.routes.config.store.url:
+            raise ConfigError("store.url cannot change on reload; restart the gateway")
+        new = Routes(config, self.store, self.stats)
+        new.start()
+        old, self.routes = self.routes, new
         log.info("config reloaded from %s", self.config_path)
-        # In-flight requests hold references to the old routes; let them finish on the old
-        # connection pools, which are garbage collected with the last of them.
-        del old
-        return "reloaded"
+        task = asyncio.get_running_loop().create_task(self._retire(old))
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
+    async def _retire(self, old: Routes, grace: float = 300.0) -> None:
+        await old.router.cooldowns.aclose()
+        await asyncio.sleep(grace)
+        await old.aclose()
+
+    async def reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except ConfigError as exc:
+            log.error("config reload refused, the previous config keeps serving: %s", exc)
 
     async def aclose(self) -> None:
+        for task in list(self._retired):
+            task.cancel()
         await self.routes.aclose()
         await self.store.aclose()
 
@@ -138,6 +166,10 @@ def create_app(config: Config, config_path: str | Path | None = None) -> Litesta
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        gw.routes.start()
+        if config_path is not None and threading.current_thread() is threading.main_thread():
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(gw.reload_logged()))
         try:
             yield
         finally:

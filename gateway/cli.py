@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -31,8 +32,28 @@ def _serve(args: argparse.Namespace) -> int:
     opts = {"host": host, "port": port, "log_level": args.log_level, "access_log": False,
             "loop": "uvloop", "http": "httptools", "timeout_graceful_shutdown": 30}
     if workers > 1:
-        os.environ[_CONFIG_ENV] = str(Path(args.config).resolve())
-        uvicorn.run("gateway.cli:app_factory", factory=True, workers=workers, **opts)
+        from uvicorn.supervisors import Multiprocess
+
+        path = str(Path(args.config).resolve())
+        os.environ[_CONFIG_ENV] = path
+
+        class ReloadingSupervisor(Multiprocess):
+            """SIGHUP reloads the config in every worker instead of restarting them, after
+            checking it here first, so a broken file restarts nothing."""
+
+            def handle_hup(self) -> None:
+                try:
+                    load_config(path)
+                except ConfigError as exc:
+                    logging.getLogger("llm_gateway").error(
+                        "config reload refused, the previous config keeps serving: %s", exc)
+                    return
+                for proc in self.processes:
+                    if proc.process.pid is not None:
+                        os.kill(proc.process.pid, signal.SIGHUP)
+
+        ucfg = uvicorn.Config("gateway.cli:app_factory", factory=True, workers=workers, **opts)
+        ReloadingSupervisor(ucfg, sockets=[ucfg.bind_socket()]).run()
     else:
         from gateway.app import create_app
 

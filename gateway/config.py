@@ -221,7 +221,7 @@ def parse_config(text: str, source: str = "<config>", env: dict[str, str] | None
     text = _interpolate(text, source, dict(os.environ) if env is None else env)
     try:
         root = yaml.compose(text, Loader=_Loader)
-        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+        raw = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from adapters.types import UpstreamError
 
 
@@ -30,6 +32,7 @@ class GatewayError(Exception):
             self.status = status
         self.retry_after = retry_after
         self.headers = headers or {}
+        self.meta: Any = None  # the pipeline's CallMeta, when the error happened in a call
 
 
 class InvalidRequest(GatewayError):

@@ -37,7 +37,18 @@ class CallMeta(msgspec.Struct):
     attempts: int = 0
     cache: str = "bypass"
     headers: dict[str, str] = {}
+    decisions: list[dict[str, Any]] = msgspec.field(default_factory=list)
     started: float = msgspec.field(default_factory=time.monotonic)
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def explain_json(meta: CallMeta) -> bytes:
+    """The compact routing story for `x-gateway-explain`: candidates in the order considered,
+    what happened to each (skipped for cooldown, failed with an error, answered)."""
+    return _encode({"alias": meta.alias, "attempts": meta.attempts, "backend": meta.backend,
+                    "considered": meta.decisions})
 
 
 class StreamCall:
@@ -124,9 +135,12 @@ class Pipeline:
             return result, meta
         except UpstreamError as exc:
             error = exc.code
-            raise UpstreamFailed(exc) from None
+            failed = UpstreamFailed(exc)
+            failed.meta = meta
+            raise failed from None
         except GatewayError as exc:
             error = exc.code
+            exc.meta = meta
             raise
         finally:
             await self.settle(principal, req, meta, admission, usage, error)
@@ -138,7 +152,9 @@ class Pipeline:
             first, rest = await self.router.open_stream(req, meta)
         except UpstreamError as exc:
             await self.settle(principal, req, meta, admission, None, exc.code)
-            raise UpstreamFailed(exc) from None
+            failed = UpstreamFailed(exc)
+            failed.meta = meta
+            raise failed from None
         except BaseException:
             await self.settle(principal, req, meta, admission, None, "gateway_error")
             raise

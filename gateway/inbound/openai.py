@@ -46,13 +46,14 @@ from gateway.asgi import (
     Send,
     bearer,
     encode_headers,
+    header,
     read_body,
     request_id,
     send_response,
     stream_response,
 )
 from gateway.errors import GatewayError, InvalidRequest
-from gateway.pipeline import CallMeta, Pipeline
+from gateway.pipeline import CallMeta, Pipeline, explain_json
 
 _encode = msgspec.json.Encoder().encode
 _decode_any = msgspec.json.Decoder().decode
@@ -156,8 +157,10 @@ def error_body(err: GatewayError) -> bytes:
     return _encode(ErrorBody(ErrorDetail(err.message, err.type, err.param, err.code)))
 
 
-def error_headers(err: GatewayError, rid: str) -> Headers:
+def error_headers(err: GatewayError, rid: str, explain: bool = False) -> Headers:
     headers = [JSON, (b"x-request-id", rid.encode())]
+    if err.meta is not None:
+        headers += meta_headers(err.meta, explain)[1:]
     if err.retry_after is not None:
         headers.append((b"retry-after", str(max(1, math.ceil(err.retry_after))).encode()))
     if err.status == 429 and err.code == "insufficient_quota":
@@ -166,13 +169,15 @@ def error_headers(err: GatewayError, rid: str) -> Headers:
     return headers
 
 
-def meta_headers(meta: CallMeta) -> Headers:
+def meta_headers(meta: CallMeta, explain: bool = False) -> Headers:
     headers = [(b"x-request-id", meta.request_id.encode()),
                (b"x-gateway-backend", meta.backend.encode()),
                (b"x-gateway-attempts", str(meta.attempts).encode()),
                (b"x-gateway-cache", meta.cache.encode())]
     if meta.headers:
         headers += encode_headers(meta.headers)
+    if explain:
+        headers.append((b"x-gateway-explain", explain_json(meta)))
     return headers
 
 
@@ -226,6 +231,7 @@ class OpenAIDoor:
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, decode: Any) -> None:
         rid = request_id(scope)
+        explain = header(scope, b"x-gateway-explain") == "1"
         try:
             if scope["method"] != "POST":
                 raise GatewayError(f"Method {scope['method']} not allowed; use POST.", status=405,
@@ -240,12 +246,12 @@ class OpenAIDoor:
             if req.stream:
                 call = await self.pipeline.open_stream(principal, req)
                 events = encode_stream(req, call.__aiter__(), cid, include_usage)
-                await stream_response(send, receive, 200, [*SSE, *meta_headers(call.meta)], events)
+                await stream_response(send, receive, 200, [*SSE, *meta_headers(call.meta, explain)], events)
                 return
             result, meta = await self.pipeline.complete(principal, req)
-            await send_response(send, 200, encode_result(req, result, cid), [JSON, *meta_headers(meta)])
+            await send_response(send, 200, encode_result(req, result, cid), [JSON, *meta_headers(meta, explain)])
         except GatewayError as err:
-            await send_response(send, err.status, error_body(err), error_headers(err, rid))
+            await send_response(send, err.status, error_body(err), error_headers(err, rid, explain))
 
     def models(self, secret: str | None) -> bytes:
         principal = self.pipeline.keyring.by_secret(secret)
