@@ -20,6 +20,12 @@ import msgspec
 UNLIMITED = -1
 
 
+def hash_tag(user: str) -> str:
+    """A principal's Redis Cluster hash tag, `{user}`; braces and % are escaped so that two
+    users never share a tag by accident."""
+    return "{" + user.replace("%", "%25").replace("{", "%7B").replace("}", "%7D") + "}"
+
+
 class StoreUnavailable(Exception):
     """The store did not answer in time or refused the connection."""
 

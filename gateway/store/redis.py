@@ -1,77 +1,208 @@
 """The Redis store engine: one blocking connection pool shared by the whole process.
 
 The pool blocks (up to the command timeout) when all connections are busy rather than
-raising `MaxConnectionsError`: a limit must never open because the pool ran dry.
+raising `MaxConnectionsError`: a limit must never open because the pool ran dry. Nothing is
+retried by redis-py (a retried admission could take a limit twice); every call is bounded by
+`timeout_ms` as a whole, so the gateway never hangs on Redis, and a later call simply
+reconnects once Redis is back. The Lua scripts in lua/ are loaded once and run by SHA.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import secrets
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
 
-from gateway.store.base import StoreUnavailable
+from gateway.store.base import (
+    AdmitPlan,
+    Admitted,
+    Lease,
+    Refused,
+    SettlePlan,
+    StoreUnavailable,
+)
 
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
+_LUA = Path(__file__).with_name("lua")
+T = TypeVar("T")
+
+
+class _Script:
+    """A Lua script loaded once; re-loaded only when Redis answers NOSCRIPT (a restart)."""
+
+    def __init__(self, name: str) -> None:
+        self.source = (_LUA / f"{name}.lua").read_text()
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
 
 class RedisStore:
     engine = "redis"
 
     def __init__(self, url: str, timeout_ms: int = 250, max_connections: int = 64) -> None:
-        timeout = timeout_ms / 1000
+        self.timeout = timeout_ms / 1000
         self.pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
+            timeout=self.timeout,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            retry=Retry(NoBackoff(), 0),
         )
         self.client = aioredis.Redis(connection_pool=self.pool)
-        self._release = self.client.register_script(_RELEASE)
+        self._admit = _Script("admit")
+        self._settle = _Script("settle")
+        self._refresh = _Script("refresh")
+        self._release = _Script("release_lock")
+
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await fn()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+
+    async def _eval(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self.client.script_load(script.source)
+            return await self.client.evalsha(script.sha, len(keys), *keys, *args)
 
     async def ping(self) -> bool:
         try:
-            return bool(await self.client.ping())
-        except (RedisError, OSError):
+            return bool(await self._call(self.client.ping))
+        except StoreUnavailable:
             return False
 
+    # -- key/value and locks --
     async def get(self, key: str) -> bytes | None:
-        try:
-            return await self.client.get(key)
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
+        return await self._call(lambda: self.client.get(key))
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
-        try:
-            await self.client.set(key, value, px=max(1, int(ttl * 1000)))
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
+        await self._call(lambda: self.client.set(key, value, px=max(1, int(ttl * 1000))))
 
     async def delete(self, key: str) -> None:
-        try:
-            await self.client.delete(key)
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
+        await self._call(lambda: self.client.delete(key))
 
     async def acquire_lock(self, key: str, ttl: float) -> str | None:
         token = secrets.token_hex(8)
-        try:
-            ok = await self.client.set(key, token, px=max(1, int(ttl * 1000)), nx=True)
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
+        ok = await self._call(lambda: self.client.set(key, token, px=max(1, int(ttl * 1000)), nx=True))
         return token if ok else None
 
     async def release_lock(self, key: str, token: str) -> None:
-        try:
-            await self._release(keys=[key], args=[token])
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
+        await self._call(lambda: self._eval(self._release, [key], [token]))
+
+    # -- limits, quotas, usage --
+    async def admit(self, plan: AdmitPlan) -> Admitted | Refused:
+        keys, args = admit_arguments(plan)
+        out = await self._call(lambda: self._eval(self._admit, keys, args))
+        if out[0] == 1:
+            return Admitted(int(out[1]), int(out[2]), int(out[3]), int(out[4]))
+        limit = out[1].decode() if isinstance(out[1], bytes) else str(out[1])
+        return Refused(limit, int(out[2]), int(out[3]))
+
+    async def settle(self, plan: SettlePlan) -> bool:
+        keys, args = settle_arguments(plan)
+        u = plan.usage
+
+        async def run() -> bool:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.evalsha(self._settle.sha, len(keys), *keys, *args)
+            pipe.sadd(u.index_key, u.user)
+            pipe.expire(u.index_key, max(1, u.counters_ttl_ms // 1000))
+            # The event stream is at-least-once: a retried settlement may append twice;
+            # every event carries its request id.
+            pipe.xadd(u.stream_key, u.event, maxlen=u.stream_maxlen, approximate=True)
+            res = await pipe.execute(raise_on_error=False)
+            if isinstance(res[0], NoScriptError):
+                res[0] = await self._eval(self._settle, keys, args)
+            for r in res:
+                if isinstance(r, Exception):
+                    raise r
+            return bool(res[0])
+
+        return await self._call(run)
+
+    async def refresh(self, leases: Sequence[Lease], ttl_ms: int) -> None:
+        if not leases:
+            return
+
+        async def run() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for lease in leases:
+                pipe.evalsha(self._refresh.sha, len(lease.keys), *lease.keys, ttl_ms, *lease.members)
+            res = await pipe.execute(raise_on_error=False)
+            for lease, r in zip(leases, res, strict=True):
+                if isinstance(r, NoScriptError):
+                    await self._eval(self._refresh, lease.keys, [ttl_ms, *lease.members])
+                elif isinstance(r, Exception):
+                    raise r
+
+        await self._call(run)
+
+    async def set_members(self, keys: Sequence[str]) -> list[set[str]]:
+        async def run() -> list[set[str]]:
+            pipe = self.client.pipeline(transaction=False)
+            for k in keys:
+                pipe.smembers(k)
+            return [{m.decode() for m in r} for r in await pipe.execute()]
+
+        return await self._call(run)
+
+    async def read_hashes(self, keys: Sequence[str]) -> list[dict[str, str]]:
+        async def run() -> list[dict[str, str]]:
+            pipe = self.client.pipeline(transaction=False)
+            for k in keys:
+                pipe.hgetall(k)
+            return [{f.decode(): v.decode() for f, v in r.items()} for r in await pipe.execute()]
+
+        return await self._call(run)
+
+    async def read_events(self, stream_key: str, after: str, count: int) -> list[tuple[str, dict[str, str]]]:
+        rows = await self._call(lambda: self.client.xrange(stream_key, min=f"({after}" if after != "-" else "-",
+                                                            count=count))
+        return [(i.decode(), {k.decode(): v.decode() for k, v in f.items()}) for i, f in rows]
 
     async def aclose(self) -> None:
         await self.client.aclose()
         await self.pool.disconnect()
+
+
+def admit_arguments(plan: AdmitPlan) -> tuple[list[str], list[Any]]:
+    keys: list[str] = []
+    args: list[Any] = [plan.request_id, plan.est_tokens, plan.slot_ttl_ms, plan.window_ms, len(plan.scopes)]
+    for s in plan.scopes:
+        keys += [s.rpm_key, s.tpm_key, s.slots_key]
+        args += [s.rpm, s.tpm, s.concurrency]
+    q = plan.quota
+    if q is not None:
+        keys += [q.day_key, q.month_key, q.reservations_key, q.reserved_key]
+        args += [q.tokens_per_day, q.tokens_per_month, q.requests_per_day, q.day_ttl_ms, q.month_ttl_ms]
+    return keys, args
+
+
+def settle_arguments(plan: SettlePlan) -> tuple[list[str], list[Any]]:
+    u = plan.usage
+    keys: list[str] = [plan.settled_key, u.counters_key]
+    args: list[Any] = [plan.request_id, plan.est_tokens, plan.actual_tokens, plan.window_ms,
+                       plan.dedupe_ms, u.counters_ttl_ms, len(plan.scopes)]
+    for s in plan.scopes:
+        keys += [s.tpm_key, s.slots_key]
+        args.append(s.tpm)
+    q = plan.quota
+    if q is not None:
+        keys += [q.day_key, q.month_key, q.reservations_key, q.reserved_key]
+        args += [1, q.day_ttl_ms, q.month_ttl_ms]
+    else:
+        args.append(0)
+    args.append(len(u.increments))
+    for field, inc in u.increments.items():
+        args += [field, inc]
+    return keys, args
