@@ -442,5 +442,15 @@ def create_emulator(**options: Any) -> ReplicateEmulator:
     return ReplicateEmulator(**options)
 
 
-__all__ = ["DEFAULT_TOKEN", "EmulatorControl", "ReplicateEmulator", "create_emulator",
+def demo_backend() -> list[tuple[Any, str, dict[str, Any]]]:
+    """For `llm-gateway demo`: one emulator serving both Llama 3 models, and a backend for each."""
+    from adapters.loopback import LoopbackServer
+
+    server = LoopbackServer(create_emulator(token_delay=0.03)).start()
+    return [(server, f"replicate-{model.split('/')[1].removeprefix('meta-')}",
+             {"kind": "replicate", "api_token": DEFAULT_TOKEN, "model": model, "base_url": server.url})
+            for model in DEFAULT_MODELS]
+
+
+__all__ = ["DEFAULT_TOKEN", "demo_backend", "EmulatorControl", "ReplicateEmulator", "create_emulator",
            "tokenize", "version_id"]
