@@ -9,10 +9,11 @@ from adapters.base import Adapter, AdapterContext, BackendConfig
 
 
 def _kinds() -> dict[type[BackendConfig], Callable[[Any, AdapterContext], Adapter]]:
-    from adapters import openai, replicate
+    from adapters import baidu, openai, replicate
 
     kinds: dict[type[BackendConfig], Callable[[Any, AdapterContext], Adapter]] = {
         openai.Backend: openai.build,
+        baidu.Backend: baidu.build,
         replicate.Backend: replicate.build,
     }
     return kinds
