@@ -25,6 +25,7 @@ from gateway.asgi import Receive, Scope, Send
 from gateway.auth import KeyRing
 from gateway.config import Config, ConfigError, load_config
 from gateway.errors import AuthenticationFailed, GatewayError
+from gateway.inbound.baidu import API_PREFIX, SERVICE_LIST_PATH, BaiduDoor
 from gateway.inbound.openai import OpenAIDoor, error_body
 from gateway.pipeline import Pipeline
 from gateway.routing import BackendStats, Router
@@ -46,6 +47,7 @@ class Routes:
         self.router = Router(config, self.adapters, store, stats)
         self.pipeline = Pipeline(config, self.keyring, self.adapters, self.router)
         self.openai = OpenAIDoor(self.pipeline)
+        self.baidu = BaiduDoor(self.pipeline, store, config)
 
     def start(self) -> None:
         self.router.cooldowns.start()
@@ -125,6 +127,19 @@ def create_app(config: Config, config_path: str | Path | None = None) -> Litesta
     async def completions(scope: Scope, receive: Receive, send: Send) -> None:
         await gw.routes.openai.completions(scope, receive, send)
 
+    # Baidu: everything under the wenxinworkshop prefix, so an unknown path gets Baidu's code 3.
+    @asgi(API_PREFIX, is_mount=True, copy_scope=False)
+    async def baidu_chat(scope: Scope, receive: Receive, send: Send) -> None:
+        await gw.routes.baidu.chat(scope, receive, send)
+
+    @asgi("/oauth/2.0/token", is_mount=False, copy_scope=False)
+    async def baidu_token(scope: Scope, receive: Receive, send: Send) -> None:
+        await gw.routes.baidu.token(scope, receive, send)
+
+    @asgi(SERVICE_LIST_PATH, is_mount=False, copy_scope=False)
+    async def baidu_service_list(scope: Scope, receive: Receive, send: Send) -> None:
+        await gw.routes.baidu.service_list(scope, receive, send)
+
     @get("/v1/models", media_type=MediaType.JSON)
     async def models(request: Request) -> Response[bytes]:
         auth = request.headers.get("authorization", "")
@@ -176,7 +191,8 @@ def create_app(config: Config, config_path: str | Path | None = None) -> Litesta
             await gw.aclose()
 
     app = Litestar(
-        route_handlers=[chat_completions, completions, models, healthz, readyz, admin_reload],
+        route_handlers=[chat_completions, completions, baidu_chat, baidu_token, baidu_service_list, models,
+                        healthz, readyz, admin_reload],
         exception_handlers={GatewayError: on_gateway_error, Exception: on_unexpected},
         lifespan=[lifespan],
         openapi_config=None,
