@@ -16,7 +16,6 @@ import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any
 
 import httpx
 import msgspec
@@ -30,16 +29,16 @@ from adapters.replicate.errors import (
     transport_error,
 )
 from adapters.replicate.prompt import to_replicate
+from adapters.replicate.run import TIMED_OUT, ChunkReader, PredictionRun
 from adapters.replicate.stops import StopCutter, cut_at_stop
 from adapters.replicate.wire import (
     CreatePrediction,
     Prediction,
+    done_reason,
     prediction_decoder,
-    stream_done_decoder,
-    stream_error_decoder,
+    stream_error_detail,
 )
 from adapters.sse import SSEDecoder, SSEEvent
-from adapters.tokens import estimate_tokens
 from adapters.types import (
     ChatChunk,
     ChatRequest,
@@ -47,7 +46,6 @@ from adapters.types import (
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
-    Usage,
 )
 
 log = logging.getLogger("adapters.replicate")
@@ -55,61 +53,6 @@ _encode = msgspec.json.Encoder().encode
 _FIRST_POLL, _MAX_POLL, _MAX_POLL_FAILURES = 0.1, 2.0, 3
 _CANCEL_TIMEOUT = 5.0
 _STREAM_HEADERS = {"accept": "text/event-stream", "cache-control": "no-store"}
-_TIMED_OUT = object()
-
-
-class _Run:
-    """One prediction in flight: the last state seen, its phase clock, and whether it is
-    settled (terminal, or a cancel was sent) so that it is cancelled at most once."""
-
-    __slots__ = ("created", "input", "pieces", "pred", "processing_since", "settled")
-
-    def __init__(self, pred: Prediction, inp: dict[str, Any], created: float) -> None:
-        self.pred, self.input, self.created = pred, inp, created
-        self.settled = False
-        self.processing_since: float | None = None
-        self.pieces = 0
-        self.saw(pred)
-
-    def saw(self, pred: Prediction) -> None:
-        self.pred = pred
-        if pred.terminal:
-            self.settled = True
-        if pred.status != "starting" and self.processing_since is None:
-            self.processing_since = time.monotonic()
-
-    def deadline(self, cold_boot: float, generation: float) -> tuple[float, str]:
-        if self.processing_since is None:
-            return self.created + cold_boot, "cold_boot"
-        return self.processing_since + generation, "generation"
-
-
-class _ChunkReader:
-    """Reads the body in a side task so a deadline can pass without breaking the read: at the
-    cold-boot deadline the adapter checks the status and may keep reading."""
-
-    def __init__(self, resp: httpx.Response) -> None:
-        self._it = resp.aiter_bytes()
-        self._task: asyncio.Task[bytes | None] | None = None
-
-    async def _read(self) -> bytes | None:
-        return await anext(self._it, None)
-
-    async def next(self, within: float) -> bytes | object | None:
-        """The next chunk, None at the end, or `_TIMED_OUT` (the read stays pending)."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._read())
-        done, _ = await asyncio.wait({self._task}, timeout=max(0.0, within))
-        if not done:
-            return _TIMED_OUT
-        task, self._task = self._task, None
-        return task.result()
-
-    def close(self) -> None:
-        if self._task is not None:
-            self._task.add_done_callback(lambda t: t.cancelled() or t.exception())
-            self._task.cancel()
-            self._task = None
 
 
 class ReplicateAdapter:
@@ -130,8 +73,8 @@ class ReplicateAdapter:
         else:
             self._create_url, self._version = f"{self._base}/v1/predictions", cfg.version
         # A held create cannot be cancelled (its id is unknown until it answers), so the hold
-        # never outlasts the cold-boot or generation bound.
-        self._wait = max(1, min(cfg.wait_seconds, math.floor(min(t.cold_boot, t.generation))))
+        # never outlasts the cold-boot or generation bound (under a second: no hold, just polls).
+        self._wait = min(cfg.wait_seconds, math.floor(min(t.cold_boot, t.generation)))
         self._cancels: set[asyncio.Task[Prediction | None]] = set()
 
     # -- the Adapter protocol -------------------------------------------------------------
@@ -149,8 +92,8 @@ class ReplicateAdapter:
         if pred.status != "succeeded":
             raise self._terminal_error(pred)
         text = pred.text()
-        return ChatResult(text=text, finish_reason=self._finish_reason(run, pred),
-                          usage=self._usage(run, pred, text), id=pred.id, model=pred.model or "")
+        return ChatResult(text=text, finish_reason=run.finish_reason(pred),
+                          usage=run.usage(pred, text), id=pred.id, model=pred.model or "")
 
     async def stream(self, req: ChatRequest) -> AsyncIterator[ChatChunk]:
         run = await self._create(req, wait=False)
@@ -165,12 +108,12 @@ class ReplicateAdapter:
 
     # -- create, poll, cancel -------------------------------------------------------------
 
-    async def _create(self, req: ChatRequest, *, wait: bool) -> _Run:
+    async def _create(self, req: ChatRequest, *, wait: bool) -> PredictionRun:
         inp = to_replicate(req, self.cfg.input_defaults)
         body = _encode(CreatePrediction(input=inp, version=self._version, stream=not wait))
         headers = {**self._auth, "content-type": "application/json"}
         timeout: httpx.Timeout | None = None
-        if wait:
+        if wait and self._wait:
             headers["prefer"] = f"wait={self._wait}"
             t = self.cfg.timeout
             timeout = httpx.Timeout(connect=t.connect, read=self._wait + 5.0, write=t.read, pool=t.connect)
@@ -185,9 +128,9 @@ class ReplicateAdapter:
         if resp.status_code not in (200, 201):
             raise error_from_status(self.name, self.cfg.target, resp.status_code, resp.headers,
                                     resp.content, creating=True)
-        return _Run(self._decode(resp.content), inp, created)
+        return PredictionRun(self._decode(resp.content), inp, created)
 
-    async def _until_terminal(self, run: _Run) -> Prediction:
+    async def _until_terminal(self, run: PredictionRun) -> Prediction:
         t = self.cfg.timeout
         delay, failures = _FIRST_POLL, 0
         while not run.pred.terminal:
@@ -209,7 +152,7 @@ class ReplicateAdapter:
             run.saw(pred)
         return run.pred
 
-    async def _get(self, run: _Run) -> Prediction:
+    async def _get(self, run: PredictionRun) -> Prediction:
         url = self._api_url(run.pred.urls.get, f"/v1/predictions/{run.pred.id}")
         try:
             resp = await self._client.get(url, headers=self._auth)
@@ -220,7 +163,7 @@ class ReplicateAdapter:
                                     resp.content, creating=False)
         return self._decode(resp.content)
 
-    async def _final_state(self, run: _Run) -> Prediction | None:
+    async def _final_state(self, run: PredictionRun) -> Prediction | None:
         """The terminal prediction (for its metrics) after a stream's `done`; None if unreadable."""
         try:
             pred = await self._get(run)
@@ -231,7 +174,7 @@ class ReplicateAdapter:
         self._log_metrics(pred)
         return pred
 
-    async def _cancel(self, run: _Run) -> Prediction | None:
+    async def _cancel(self, run: PredictionRun) -> Prediction | None:
         run.settled = True
         pid = run.pred.id
         url = self._api_url(run.pred.urls.cancel, f"/v1/predictions/{pid}/cancel")
@@ -250,7 +193,7 @@ class ReplicateAdapter:
         except msgspec.DecodeError:
             return None
 
-    async def _cancel_shielded(self, run: _Run) -> Prediction | None:
+    async def _cancel_shielded(self, run: PredictionRun) -> Prediction | None:
         """Cancel in a task of its own, so that it completes even when the caller's task is
         being cancelled (client gone, gateway timeout)."""
         task = asyncio.get_running_loop().create_task(self._cancel(run))
@@ -270,10 +213,10 @@ class ReplicateAdapter:
                 last = chunk
         text = "".join(parts)
         return ChatResult(text=text, finish_reason=last.finish_reason or "stop",
-                          usage=last.usage or self._usage(run, None, text), id=run.pred.id,
+                          usage=last.usage or run.usage(None, text), id=run.pred.id,
                           model=run.pred.model or "")
 
-    async def _run_stream(self, run: _Run, req: ChatRequest) -> AsyncIterator[ChatChunk]:
+    async def _run_stream(self, run: PredictionRun, req: ChatRequest) -> AsyncIterator[ChatChunk]:
         try:
             if not run.pred.urls.stream:
                 async for chunk in self._unstreamed(run, req):
@@ -299,12 +242,12 @@ class ReplicateAdapter:
                                 yield ChatChunk(text=text)
                             if cutter.hit:
                                 final = await self._cancel_shielded(run)
-                                yield ChatChunk(finish_reason="stop", usage=self._usage(run, final, ""))
+                                yield ChatChunk(finish_reason="stop", usage=run.usage(final, ""))
                                 return
                         elif ev.event == "error":
-                            error = _stream_error(ev.data)
+                            error = stream_error_detail(ev.data)
                         elif ev.event == "done":
-                            outcome = _done_reason(ev.data)
+                            outcome = done_reason(ev.data)
                             break
             if outcome == "":  # the stream ended without `done`
                 rest = await self._rest_after_cut(run, "".join(received))
@@ -322,25 +265,25 @@ class ReplicateAdapter:
             if tail:
                 yield ChatChunk(text=tail)
             final = await self._final_state(run)
-            reason = "stop" if cutter.hit else self._finish_reason(run, final)
-            yield ChatChunk(finish_reason=reason, usage=self._usage(run, final, ""))
+            reason = "stop" if cutter.hit else run.finish_reason(final)
+            yield ChatChunk(finish_reason=reason, usage=run.usage(final, ""))
         except httpx.HTTPError as exc:
             raise transport_error(self.name, exc) from None
         finally:
             if not run.settled:
                 await self._cancel_shielded(run)
 
-    async def _events(self, run: _Run, resp: httpx.Response) -> AsyncIterator[SSEEvent]:
+    async def _events(self, run: PredictionRun, resp: httpx.Response) -> AsyncIterator[SSEEvent]:
         """SSE events, bounded by the cold-boot, generation and idle (`timeout.read`) limits."""
         t = self.cfg.timeout
-        reader, decoder = _ChunkReader(resp), SSEDecoder()
+        reader, decoder = ChunkReader(resp), SSEDecoder()
         try:
             while True:
                 deadline, phase = run.deadline(t.cold_boot, t.generation)
                 wait = deadline - time.monotonic()
                 idle = phase == "generation" and t.read < wait
                 chunk = await reader.next(t.read if idle else wait)
-                if chunk is _TIMED_OUT:
+                if chunk is TIMED_OUT:
                     if idle:
                         raise UpstreamTimeout(f"backend {self.name}: Replicate sent nothing for "
                                               f"{t.read:g}s (prediction {run.pred.id})")
@@ -360,7 +303,7 @@ class ReplicateAdapter:
         finally:
             reader.close()
 
-    async def _rest_after_cut(self, run: _Run, received: str) -> str:
+    async def _rest_after_cut(self, run: PredictionRun, received: str) -> str:
         """The stream was cut: if the prediction succeeded anyway, the output not yet seen."""
         pred = await self._get(run)
         run.saw(pred)
@@ -372,7 +315,7 @@ class ReplicateAdapter:
         raise UpstreamProtocolError(f"backend {self.name}: Replicate stream for prediction {pred.id} "
                                     "ended before `done`")
 
-    async def _unstreamed(self, run: _Run, req: ChatRequest) -> AsyncIterator[ChatChunk]:
+    async def _unstreamed(self, run: PredictionRun, req: ChatRequest) -> AsyncIterator[ChatChunk]:
         """A model without `urls.stream`: wait for the whole output, then send it as one piece."""
         pred = await self._until_terminal(run)
         self._log_metrics(pred)
@@ -381,8 +324,8 @@ class ReplicateAdapter:
         text, hit = cut_at_stop(pred.text(), req.stop or ())
         if text:
             yield ChatChunk(text=text)
-        yield ChatChunk(finish_reason="stop" if hit else self._finish_reason(run, pred),
-                        usage=self._usage(run, pred, text))
+        yield ChatChunk(finish_reason="stop" if hit else run.finish_reason(pred),
+                        usage=run.usage(pred, text))
 
     # -- small helpers --------------------------------------------------------------------
 
@@ -399,7 +342,7 @@ class ReplicateAdapter:
             raise UpstreamProtocolError(f"backend {self.name}: Replicate sent an unreadable prediction") \
                 from None
 
-    def _timeout(self, run: _Run, phase: str) -> UpstreamTimeout:
+    def _timeout(self, run: PredictionRun, phase: str) -> UpstreamTimeout:
         t = self.cfg.timeout
         if phase == "cold_boot":
             what = f"was still starting (cold boot) after {t.cold_boot:g}s"
@@ -413,41 +356,11 @@ class ReplicateAdapter:
             return prediction_failed(self.name, pred.id, pred.error)
         return prediction_canceled(self.name, pred.id)
 
-    def _finish_reason(self, run: _Run, pred: Prediction | None) -> str:
-        # Replicate reports no finish reason: `length` when the output used all of max_tokens.
-        limit = run.input.get("max_tokens", run.input.get("max_new_tokens"))
-        produced = self._usage(run, pred, "").completion_tokens
-        return "length" if isinstance(limit, int) and produced >= limit else "stop"
-
-    def _usage(self, run: _Run, pred: Prediction | None, text: str) -> Usage:
-        m = pred.metrics if pred is not None else None
-        if m is not None and m.input_token_count is not None and m.output_token_count is not None:
-            return Usage(m.input_token_count, m.output_token_count, "reported")
-        # Each output piece of a Llama runtime is one token; count them when we have them.
-        pieces = run.pieces or (len(pred.output) if pred is not None and isinstance(pred.output, list) else 0)
-        return Usage(estimate_tokens(str(run.input.get("prompt") or "")),
-                     pieces or estimate_tokens(text), "estimated")
-
     def _log_metrics(self, pred: Prediction) -> None:
         m = pred.metrics
         if m is not None:
             log.info("backend %s: prediction %s %s predict_time=%s time_to_first_token=%s",
                      self.name, pred.id, pred.status, m.predict_time, m.time_to_first_token)
-
-
-def _stream_error(data: str) -> str:
-    try:
-        return stream_error_decoder.decode(data).detail
-    except msgspec.DecodeError:
-        return data or "prediction failed"
-
-
-def _done_reason(data: str) -> str:
-    try:
-        reason = stream_done_decoder.decode(data or "{}").reason
-    except msgspec.DecodeError:
-        reason = None
-    return reason or "succeeded"
 
 
 def build(cfg: ReplicateBackend, ctx: AdapterContext) -> ReplicateAdapter:

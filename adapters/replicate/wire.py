@@ -103,3 +103,20 @@ prediction_decoder = msgspec.json.Decoder(Prediction)
 problem_decoder = msgspec.json.Decoder(Problem)
 stream_error_decoder = msgspec.json.Decoder(StreamError)
 stream_done_decoder = msgspec.json.Decoder(StreamDone)
+
+
+def stream_error_detail(data: str) -> str:
+    """The `detail` of an SSE `error` event (its raw data if it is not the usual JSON)."""
+    try:
+        return stream_error_decoder.decode(data).detail
+    except msgspec.DecodeError:
+        return data or "prediction failed"
+
+
+def done_reason(data: str) -> str:
+    """`succeeded`, `canceled` or `error`, from the data of an SSE `done` event."""
+    try:
+        reason = stream_done_decoder.decode(data or "{}").reason
+    except msgspec.DecodeError:
+        reason = None
+    return reason or "succeeded"

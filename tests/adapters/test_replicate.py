@@ -150,14 +150,14 @@ def test_the_token_goes_in_a_bearer_header_and_never_to_the_stream_url(url: str,
 
 def test_non_streaming_chat_joins_the_output_and_reports_usage_from_metrics(url: str,
                                                                             ctl: EmulatorControl) -> None:
-    result = run(url, lambda a: a.complete(chat(("user", "hello replicate"))))
+    result = run(url, lambda a: a.complete(chat(("user", "hello replicate"))), lifetime=600)
     job = only_prediction(ctl)
     assert result.text == "You said: hello replicate"
     assert result.id == job.pred.id and result.finish_reason == "stop"
     assert job.pred.metrics.output_token_count == len(job.pred.output) > 1
     assert (result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.source) == (
         job.pred.metrics.input_token_count, job.pred.metrics.output_token_count, "reported")
-    assert ctl.creates[-1].prefer == "wait=5"
+    assert (ctl.creates[-1].prefer, ctl.creates[-1].cancel_after) == ("wait=5", "600s")
 
 
 def test_streaming_forwards_each_piece_as_it_arrives_then_usage(url: str, ctl: EmulatorControl) -> None:
@@ -271,7 +271,8 @@ def test_cold_boot_longer_than_the_timeout_is_504_and_cancels(url: str, ctl: Emu
     started = time.monotonic()
     with pytest.raises(UpstreamTimeout) as err:
         run(url, lambda a: a.complete(chat(("user", "x"))), timeout={"cold_boot": 0.3})
-    assert time.monotonic() - started < 2.0  # the Prefer: wait hold is capped by the cold-boot bound
+    assert time.monotonic() - started < 1.0  # no Prefer: wait hold longer than the cold-boot bound
+    assert ctl.creates[-1].prefer is None
     assert err.value.status == 504 and "cold boot" in err.value.message
     job = only_prediction(ctl)
     assert ctl.cancelled(job.pred.id) is not None and job.pred.status == "canceled"
