@@ -145,7 +145,7 @@ def test_a_stream_stalling_mid_way_ends_with_an_error_event_within_the_idle_time
     c = openai.OpenAI(base_url=gateway + "/v1", api_key=KEY, max_retries=0)
     start = time.monotonic()
     got = []
-    with pytest.raises(openai.APIError, match="no next chunk within 0.5s"):
+    with pytest.raises(openai.APIError, match=r"no next chunk within 0\.5s"):
         for ch in c.chat.completions.create(model="main", stream=True, **HELLO):
             got.extend(choice.delta.content or "" for choice in ch.choices)
     assert time.monotonic() - start < 1.5
