@@ -182,10 +182,10 @@ class Limiter:
             self.store_errors += 1
             if quota is not None and self.on_error.quota == "closed":
                 raise StoreUnavailableError("Usage quotas cannot be checked right now (store unavailable).",
-                                            retry_after=1, headers={"retry-after": "1"}) from None
+                                            retry_after=1) from None
             if scopes and self.on_error.limits == "closed":
                 raise StoreUnavailableError("Rate limits cannot be checked right now (store unavailable).",
-                                            retry_after=1, headers={"retry-after": "1"}) from None
+                                            retry_after=1) from None
             log.warning("store unavailable at admission, admitting (policy open): %s", exc)
             return adm
         if isinstance(out, Refused):
@@ -211,7 +211,7 @@ class Limiter:
             value = getattr(q, out.limit, None)
             return QuotaExceeded(
                 f"You exceeded your quota of {value} {_QUOTA_WORDS.get(out.limit, out.limit)} "
-                f"(user {principal.user!r}).", retry_after=retry, headers={"retry-after": str(retry)})
+                f"(user {principal.user!r}).", retry_after=retry)
         scope = adm.scopes[out.scope]
         value = {"rpm": scope.rpm, "tpm": scope.tpm, "concurrency": scope.concurrency}[out.limit]
         where = f"key {principal.key_name!r}"
@@ -224,7 +224,7 @@ class Limiter:
         }[out.limit]
         retry = max(1, math.ceil(out.retry_after_ms / 1000))
         return RateLimited(f"Rate limit reached ({out.limit}): {what} for {where}. Retry in {retry}s.",
-                           limit=out.limit, retry_after=retry, headers={"retry-after": str(retry)})
+                           limit=out.limit, retry_after=retry)
 
     # -- settlement --
     async def settle(self, admission: Admission, usage: Usage | None, record: UsageRecord) -> None:

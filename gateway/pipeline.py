@@ -23,9 +23,12 @@ from adapters.base import Adapter
 from adapters.tokens import estimate_prompt_tokens, estimate_tokens
 from adapters.types import ChatChunk, ChatRequest, ChatResult, UpstreamError, Usage
 from gateway.auth import KeyRing, Principal
+from gateway.cache import CacheFill, ResponseCache, cache_use, replay
 from gateway.config import Config
 from gateway.errors import GatewayError, UpstreamFailed
+from gateway.limits import Admission, Limiter, reservation_estimate
 from gateway.routing import Router
+from gateway.usage import UsageRecord
 
 
 class CallMeta(msgspec.Struct):
@@ -59,7 +62,8 @@ class StreamCall:
     """
 
     def __init__(self, pipeline: Pipeline, principal: Principal, req: ChatRequest, meta: CallMeta,
-                 first: ChatChunk | None, rest: AsyncIterator[ChatChunk], admission: Any) -> None:
+                 first: ChatChunk | None, rest: AsyncIterator[ChatChunk], admission: Any,
+                 fill: CacheFill | None = None) -> None:
         self.meta = meta
         self._pipeline = pipeline
         self._principal = principal
@@ -70,6 +74,8 @@ class StreamCall:
         self._produced: list[str] = []
         self._usage: Usage | None = None
         self._error: str | None = None
+        self._finish: str | None = None
+        self._fill = fill  # this stream fills the cache entry for its request
         self._settled = False
 
     async def __aiter__(self) -> AsyncIterator[ChatChunk]:
@@ -89,6 +95,8 @@ class StreamCall:
             self._produced.append(chunk.text)
         if chunk.usage is not None:
             self._usage = chunk.usage
+        if chunk.finish_reason is not None:
+            self._finish = chunk.finish_reason
         return chunk
 
     async def aclose(self) -> None:
@@ -99,39 +107,93 @@ class StreamCall:
             await self._rest.aclose()  # type: ignore[attr-defined]
         usage = self._usage or Usage(estimate_prompt_tokens(self._req),
                                      estimate_tokens("".join(self._produced)), "estimated")
+        if self._fill is not None:
+            if self._error is None and self._finish is not None:
+                await self._fill.put(ChatResult("".join(self._produced), self._finish, usage),
+                                     self._pipeline.cache_ttl(self._req.model))
+            await self._fill.abandon()
         await self._pipeline.settle(self._principal, self._req, self.meta, self._admission,
                                     usage, self._error)
 
 
 class Pipeline:
     def __init__(self, config: Config, keyring: KeyRing, adapters: dict[str, Adapter],
-                 router: Router) -> None:
+                 router: Router, limiter: Limiter | None = None, cache: ResponseCache | None = None) -> None:
         self.config = config
         self.keyring = keyring
         self.adapters = adapters
         self.router = router
+        self.limiter = limiter  # None: no limits, quotas nor usage accounting
+        self.cache = cache  # None: no response cache
 
     def _start(self, principal: Principal, req: ChatRequest) -> CallMeta:
         self.keyring.check_model(principal, req.model)
         return CallMeta(request_id=req.request_id, alias=req.model)
 
-    async def admit(self, principal: Principal, req: ChatRequest, meta: CallMeta) -> Any:
-        """Rate limits and quota reservation (one store round trip). Returns the admission."""
-        return None
+    async def admit(self, principal: Principal, req: ChatRequest, meta: CallMeta) -> Admission | None:
+        """Rate limits and quota reservation (one store round trip, none without limits)."""
+        if self.limiter is None:
+            return None
+        est = reservation_estimate(req, self.config.models[req.model].default_max_tokens)
+        admission = await self.limiter.admit(principal, req.model, req.request_id, est)
+        limits = admission.headers()
+        if limits:
+            meta.headers = {**meta.headers, **limits}
+        return admission
 
     async def settle(self, principal: Principal, req: ChatRequest, meta: CallMeta, admission: Any,
                      usage: Usage | None, error: str | None) -> None:
-        """Real usage replaces the reservation; the usage record is written."""
-        return None
+        """Real usage replaces the reservation; the usage record is written. A cache hit
+        costs no tokens: it counts as a request and a cache hit."""
+        if self.limiter is None or admission is None:
+            return
+        hit = meta.cache == "hit"
+        charged = None if hit else usage
+        u = charged or Usage(0, 0)
+        record = UsageRecord(user=principal.user, key=principal.key_name, alias=meta.alias,
+                             backend=meta.backend or "none", prompt_tokens=u.prompt_tokens,
+                             completion_tokens=u.completion_tokens, source=u.source, cache_hit=hit,
+                             error=error)
+        await self.limiter.settle(admission, charged, record)
 
-    async def complete(self, principal: Principal, req: ChatRequest) -> tuple[ChatResult, CallMeta]:
+    def cache_ttl(self, alias: str) -> float:
+        cfg = self.config.models[alias].cache
+        return cfg.ttl if cfg is not None else 0.0
+
+    async def _cache_lookup(self, principal: Principal, req: ChatRequest, meta: CallMeta,
+                            cache_control: str | None) -> ChatResult | CacheFill | None:
+        """A hit (meta.cache "hit"), a fill to complete (a "miss"), or None (a "bypass")."""
+        cfg = self.config.models[req.model].cache
+        if self.cache is None or cfg is None:
+            return None
+        use = cache_use(cfg, req, cache_control)
+        if use == "bypass":
+            return None
+        key = self.cache.key(principal.user, req.model, req, cfg.shared)
+        found = await self.cache.lookup(key, read=use == "use")
+        if isinstance(found, ChatResult):
+            meta.cache, meta.backend = "hit", "cache"
+        elif use == "use":
+            meta.cache = "miss"
+        return found
+
+    async def complete(self, principal: Principal, req: ChatRequest,
+                       cache_control: str | None = None) -> tuple[ChatResult, CallMeta]:
         meta = self._start(principal, req)
         admission = await self.admit(principal, req, meta)
         usage: Usage | None = None
         error: str | None = "gateway_error"
+        fill: CacheFill | None = None
         try:
+            found = await self._cache_lookup(principal, req, meta, cache_control)
+            if isinstance(found, ChatResult):
+                error = None
+                return found, meta
+            fill = found
             result = await self.router.complete(req, meta)
             usage, error = result.usage, None
+            if fill is not None:
+                await fill.put(result, self.cache_ttl(req.model))
             return result, meta
         except UpstreamError as exc:
             error = exc.code
@@ -143,19 +205,31 @@ class Pipeline:
             exc.meta = meta
             raise
         finally:
+            if fill is not None:
+                await fill.abandon()
             await self.settle(principal, req, meta, admission, usage, error)
 
-    async def open_stream(self, principal: Principal, req: ChatRequest) -> StreamCall:
+    async def open_stream(self, principal: Principal, req: ChatRequest,
+                          cache_control: str | None = None) -> StreamCall:
         meta = self._start(principal, req)
         admission = await self.admit(principal, req, meta)
+        fill: CacheFill | None = None
         try:
+            found = await self._cache_lookup(principal, req, meta, cache_control)
+            if isinstance(found, ChatResult):
+                return StreamCall(self, principal, req, meta, None, replay(found), admission)
+            fill = found
             first, rest = await self.router.open_stream(req, meta)
         except UpstreamError as exc:
+            if fill is not None:
+                await fill.abandon()
             await self.settle(principal, req, meta, admission, None, exc.code)
             failed = UpstreamFailed(exc)
             failed.meta = meta
             raise failed from None
         except BaseException:
+            if fill is not None:
+                await fill.abandon()
             await self.settle(principal, req, meta, admission, None, "gateway_error")
             raise
-        return StreamCall(self, principal, req, meta, first, rest, admission)
+        return StreamCall(self, principal, req, meta, first, rest, admission, fill)
