@@ -99,6 +99,13 @@ def cpu_s(root: int) -> float:
     return total / CLK_TCK
 
 
+def system_busy_s() -> float:
+    """CPU seconds spent busy (not idle, not waiting for I/O) on all cpus since boot."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
+
+
 class Sampler(threading.Thread):
     """Tracks the peak RSS of a process tree while a measurement runs."""
 

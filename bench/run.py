@@ -28,6 +28,7 @@ import resource
 import shlex
 import shutil
 import signal
+import statistics
 import string
 import subprocess
 import sys
@@ -46,7 +47,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import report  # noqa: E402
-from procs import Sampler, Server, cpu_s, free_port, parse_cpus, port_in_use, rss_mb  # noqa: E402
+from procs import Sampler, Server, cpu_s, free_port, parse_cpus, port_in_use, rss_mb, system_busy_s  # noqa: E402
 
 LITELLM_VERSION = "1.106.2"
 LITELLM_PACKAGES = [f"litellm[proxy]=={LITELLM_VERSION}", "opentelemetry-sdk==1.45.2", "prisma==0.15.0",
@@ -236,6 +237,7 @@ def run_loadgen(args: argparse.Namespace, t: Target, sc: dict[str, Any], mock: S
     rs0 = redis_snapshot(t.redis_url) if t.redis_url else None
     rcpu0 = cpu_s(args.redis_pid)
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    self0, busy0 = sum(os.times()[:2]), system_busy_s()
     wall0 = time.monotonic()
     sampler.start()
     out = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True,
@@ -245,6 +247,7 @@ def run_loadgen(args: argparse.Namespace, t: Target, sc: dict[str, Any], mock: S
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu1, mock1, up1 = cpu_s(t.server.pid), cpu_s(mock.pid), mock_requests(args.mock_base)
     rcpu1 = cpu_s(args.redis_pid)
+    self1, busy1 = sum(os.times()[:2]), system_busy_s()
     rs1 = redis_snapshot(t.redis_url) if t.redis_url else None
     if out.returncode != 0:
         sys.exit(f"loadgen failed: {out.stderr[-2000:]}")
@@ -252,11 +255,14 @@ def run_loadgen(args: argparse.Namespace, t: Target, sc: dict[str, Any], mock: S
     res["url"] = re.sub(r"access_token=[^&]+", "access_token=***", res["url"])
     sent = max(1, res["sent"])
     upstream = up1 - up0
+    client = ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime
+    ours = (cpu1 - cpu0) + (0 if t.server is mock else mock1 - mock0) + (rcpu1 - rcpu0) + client + (self1 - self0)
     res.update(target=t.name, scenario=sc["name"], server_rss_peak_mb=peak, upstream_requests=upstream,
                wall_s=round(wall, 2),
                server_cpu_ms_per_req=round((cpu1 - cpu0) * 1000 / sent, 3),
                server_cpu_util=round((cpu1 - cpu0) / wall, 3),
-               client_cpu_util=round((ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / wall, 3),
+               client_cpu_util=round(client / wall, 3),
+               other_cpu_util=round(max(0.0, busy1 - busy0 - ours) / wall, 3),
                mock_cpu_ms_per_req=round((mock1 - mock0) * 1000 / max(1, upstream), 4),
                mock_cpu_util=round((mock1 - mock0) / wall, 3))
     if rs0 is not None and rs1 is not None:
@@ -442,6 +448,10 @@ def main() -> None:
         time.sleep(3)
         for t in targets:
             memory[t.name]["idle_end"] = rss_mb(t.server.pid)
+        other = statistics.median(r["other_cpu_util"] for r in raw) if raw else 0.0
+        if other > 0.15:
+            notes.append(f"**noisy machine**: other processes used a median {other:.2f} cores during the runs "
+                         f"(of {os.cpu_count()}); absolute numbers are depressed, compare targets within this run")
         summary = report.summarize(raw, [t.name for t in targets], [sc["name"] for sc in scenarios])
         argv = ["python", "bench/run.py", *sys.argv[1:]]
         meta = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": shlex.join(argv),
