@@ -48,7 +48,8 @@ class CachedToken(msgspec.Struct):
         return now < self.refresh_at
 
     def usable(self, now: float) -> bool:
-        return now < self.expires_at - min(5.0, (self.expires_at - self.refresh_at) / 4)
+        # Leave room for the request to reach Baidu before the token lapses.
+        return now < self.expires_at - min(5.0, (self.expires_at - self.refresh_at) / 2)
 
 
 _encode = msgspec.json.Encoder().encode
@@ -76,8 +77,10 @@ class AccessTokenSource:
         self._state = state
         self._margin = refresh_margin
         self._fetch_timeout = fetch_timeout
-        self._key = f"gw:{{baidu}}:token:{backend}"
-        self._lock_key = f"gw:{{baidu}}:token-lock:{backend}"
+        # Per backend and credential pair: rotating the secret never reuses the old token.
+        who = hashlib.sha256(f"{api_key}\0{secret_key}".encode()).hexdigest()[:12]
+        self._key = f"gw:{{baidu}}:token:{backend}:{who}"
+        self._lock_key = f"gw:{{baidu}}:token-lock:{backend}:{who}"
         self._local: CachedToken | None = None
         self._mutex = asyncio.Lock()
         self._renewal: asyncio.Task[None] | None = None
@@ -165,6 +168,7 @@ class AccessTokenSource:
 
     async def _fetch(self) -> CachedToken:
         self.fetches += 1
+        asked_at = time.time()  # Baidu's clock starts before its answer reaches us
         try:
             resp = await self._client.post(
                 TOKEN_PATH, params=self._params, headers={"Content-Type": "application/json"},
@@ -189,9 +193,8 @@ class AccessTokenSource:
                 f"Baidu backend {self._backend!r}: the token endpoint refused the gateway's api_key/secret_key "
                 f"({what}); check the backend's credentials"
             )
-        now = time.time()
         life = max(1.0, float(body.expires_in))
-        tok = CachedToken(body.access_token, now + life, now + life - min(self._margin, life / 5))
+        tok = CachedToken(body.access_token, asked_at + life, asked_at + life - min(self._margin, life / 5))
         log.info(
             "baidu backend %s: fetched access token #%s (expires in %ss)",
             self._backend, fingerprint(tok.value), body.expires_in,

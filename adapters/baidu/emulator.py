@@ -151,12 +151,14 @@ class BaiduEmulator:
             for tok in self.tokens:
                 self.tokens[tok] = 0.0
 
-    def reset(self) -> None:
+    def reset(self, forget_tokens: bool = True) -> None:
+        """Clear faults, scripts, records and counters (and, by default, the issued tokens)."""
         with self._mutex:
             self._faults.clear()
             self._script.clear()
             self.received.clear()
-            self.tokens.clear()
+            if forget_tokens:
+                self.tokens.clear()
             self.token_calls = self.chat_calls = self.streams_cancelled = 0
 
     def _next_fault(self) -> Fault | None:
