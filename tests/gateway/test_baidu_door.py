@@ -33,7 +33,7 @@ from gateway.errors import (
     StoreUnavailableError,
     UpstreamFailed,
 )
-from gateway.inbound.baidu import fault_for
+from gateway.inbound.baidu_codec import fault_for
 from tests.support import free_port, gateway_process, start_gateway, write_config
 
 KEY = "sk-test-alice"
