@@ -21,15 +21,19 @@ from litestar.handlers import asgi
 
 from adapters.base import Adapter, AdapterContext
 from adapters.registry import build_adapter
+from gateway.admin import usage_report
 from gateway.asgi import Receive, Scope, Send
 from gateway.auth import KeyRing
+from gateway.cache import ResponseCache
 from gateway.config import Config, ConfigError, load_config
 from gateway.errors import AuthenticationFailed, GatewayError
 from gateway.inbound.baidu import API_PREFIX, SERVICE_LIST_PATH, BaiduDoor
 from gateway.inbound.openai import OpenAIDoor, error_body
+from gateway.limits import Limiter
 from gateway.pipeline import Pipeline
 from gateway.routing import BackendStats, Router
 from gateway.store import Store, open_store
+from gateway.usage import UsageLedger
 
 log = logging.getLogger("llm_gateway")
 
@@ -37,7 +41,8 @@ log = logging.getLogger("llm_gateway")
 class Routes:
     """Everything built from one config: replaced whole on reload."""
 
-    def __init__(self, config: Config, store: Store, stats: dict[str, BackendStats]) -> None:
+    def __init__(self, config: Config, store: Store, stats: dict[str, BackendStats],
+                 limiter: Limiter | None = None, cache: ResponseCache | None = None) -> None:
         self.config = config
         self.keyring = KeyRing(config)
         self.adapters: dict[str, Adapter] = {
@@ -45,7 +50,7 @@ class Routes:
             for name, cfg in config.backends.items()
         }
         self.router = Router(config, self.adapters, store, stats)
-        self.pipeline = Pipeline(config, self.keyring, self.adapters, self.router)
+        self.pipeline = Pipeline(config, self.keyring, self.adapters, self.router, limiter, cache)
         self.openai = OpenAIDoor(self.pipeline)
         self.baidu = BaiduDoor(self.pipeline, store, config)
 
@@ -66,7 +71,11 @@ class Gateway:
         self.config_path = config_path
         self.store = open_store(config.store.url, config.store.timeout_ms)
         self.stats: dict[str, BackendStats] = {}  # survives reloads, like the store's counters
-        self.routes = Routes(config, self.store, self.stats)
+        # The limiter keeps live slots alive and pending settlements queued across reloads.
+        self.limiter = Limiter(self.store, config.store.on_error, slot_ttl=config.store.slot_ttl)
+        self.cache = ResponseCache(self.store)
+        self.ledger = UsageLedger(self.store)
+        self.routes = Routes(config, self.store, self.stats, self.limiter, self.cache)
         self._retired: set[asyncio.Task[None]] = set()
 
     async def reload(self) -> None:
@@ -79,7 +88,8 @@ class Gateway:
         config = load_config(self.config_path)
         if config.store.url != self.routes.config.store.url:
             raise ConfigError("store.url cannot change on reload; restart the gateway")
-        new = Routes(config, self.store, self.stats)
+        new = Routes(config, self.store, self.stats, self.limiter, self.cache)
+        self.limiter.on_error = config.store.on_error
         new.start()
         old, self.routes = self.routes, new
         log.info("config reloaded from %s", self.config_path)
@@ -102,6 +112,7 @@ class Gateway:
         for task in list(self._retired):
             task.cancel()
         await self.routes.aclose()
+        await self.limiter.aclose()  # lands the settlements still waiting for the store
         await self.store.aclose()
 
 
@@ -154,8 +165,14 @@ def create_app(config: Config, config_path: str | Path | None = None) -> Litesta
     async def readyz() -> Response[dict[str, object]]:
         store_ok = await gw.store.ping()
         body = {"status": "ready" if store_ok else "degraded", "store": gw.store.engine,
-                "store_ok": store_ok, "aliases": len(gw.routes.config.models)}
+                "store_ok": store_ok, "aliases": len(gw.routes.config.models),
+                "pending_settlements": gw.limiter.pending}
         return Response(body, status_code=200 if store_ok else 503)
+
+    @get("/admin/usage", media_type=MediaType.JSON)
+    async def admin_usage(request: Request) -> Response[bytes]:
+        _admin(request, gw)
+        return Response(await usage_report(gw.ledger, request.query_params), media_type=MediaType.JSON)
 
     @post("/admin/reload", media_type=MediaType.JSON, status_code=200)
     async def admin_reload(request: Request) -> Response[bytes]:
@@ -192,7 +209,7 @@ def create_app(config: Config, config_path: str | Path | None = None) -> Litesta
 
     app = Litestar(
         route_handlers=[chat_completions, completions, baidu_chat, baidu_token, baidu_service_list, models,
-                        healthz, readyz, admin_reload],
+                        healthz, readyz, admin_usage, admin_reload],
         exception_handlers={GatewayError: on_gateway_error, Exception: on_unexpected},
         lifespan=[lifespan],
         openapi_config=None,

@@ -40,6 +40,8 @@ class StoreErrorPolicy(_Strict):
 class StoreConfig(_Strict):
     url: str = "memory://"
     timeout_ms: int = 250
+    # how long the concurrency slots and quota reservations of a process that died outlive it
+    slot_ttl: float = 30.0
     on_error: StoreErrorPolicy = msgspec.field(default_factory=StoreErrorPolicy)
 
 

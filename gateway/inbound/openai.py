@@ -244,11 +244,11 @@ class OpenAIDoor:
             req, include_usage = decode(body, rid)
             cid = completion_id(req.is_chat)
             if req.stream:
-                call = await self.pipeline.open_stream(principal, req)
+                call = await self.pipeline.open_stream(principal, req, header(scope, b"cache-control"))
                 events = encode_stream(req, call.__aiter__(), cid, include_usage)
                 await stream_response(send, receive, 200, [*SSE, *meta_headers(call.meta, explain)], events)
                 return
-            result, meta = await self.pipeline.complete(principal, req)
+            result, meta = await self.pipeline.complete(principal, req, header(scope, b"cache-control"))
             await send_response(send, 200, encode_result(req, result, cid), [JSON, *meta_headers(meta, explain)])
         except GatewayError as err:
             await send_response(send, err.status, error_body(err), error_headers(err, rid, explain))
