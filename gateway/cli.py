@@ -1,4 +1,4 @@
-"""`llm-gateway serve | check | demo`."""
+"""`llm-gateway serve | check | demo | usage`."""
 
 from __future__ import annotations
 
@@ -100,6 +100,21 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(host=args.host or "127.0.0.1", port=args.port or 8080)
 
 
+def _usage(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from gateway.admin import read_usage, usage_table
+
+    config = load_config(args.config)
+    try:
+        report = asyncio.run(read_usage(config, args.user, args.days))
+    except Exception as exc:  # the store or the gateway cannot be reached: say so, no traceback
+        print(f"usage: cannot read usage: {exc}", file=sys.stderr)
+        return 1
+    print(usage_table(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llm-gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--host")
     demo.add_argument("--port", type=int)
     demo.set_defaults(func=_demo)
+    usage = sub.add_parser("usage", help="print token usage per user, alias, backend and day")
+    usage.add_argument("--config", required=True)
+    usage.add_argument("--user")
+    usage.add_argument("--days", type=int, default=7, help="the last N days, today included (default 7)")
+    usage.set_defaults(func=_usage)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
