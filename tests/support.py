@@ -89,7 +89,7 @@ def gateway_process(config_path: Path, port: int | None = None, env: dict[str, s
                     workers: int = 1, log_path: Path | None = None) -> Iterator[str]:
     """`llm-gateway serve` in a child process; yields its base URL."""
     port = port or free_port()
-    log = open(log_path or os.devnull, "ab")  # noqa: SIM115
+    log = open(log_path or os.devnull, "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config_path),
          "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
