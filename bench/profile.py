@@ -103,6 +103,8 @@ def analyse(stacks: list[tuple[list[str], int]], top: int) -> str:
     lines += table("Inclusive time by library (any frame on the stack)", area_incl, "library")
     lines += table(f"Top {top} frames by own time", own, "frame")
     lines += table(f"Top {top} functions by inclusive time", incl, "function")
+    ours = Counter({k: v for k, v in incl.items() if re.search(r"\((gateway|adapters)/", k)})
+    lines += table(f"Top {top} llm-gateway functions by inclusive time", ours, "function")
     return "\n".join(lines)
 
 
