@@ -172,8 +172,8 @@ class BaiduDoor:
                 raise BaiduFault(336101)
             path = _path(scope, API_PREFIX)
             principal = await self._authenticate(scope, path)
-            alias = self.endpoints.get(path.removeprefix(CHAT_PATH_PREFIX)) \
-                if path.startswith(CHAT_PATH_PREFIX) else None
+            endpoint = path.removeprefix(CHAT_PATH_PREFIX) if path.startswith(CHAT_PATH_PREFIX) else ""
+            alias = self.endpoints.get(endpoint)
             if alias is None:
                 raise BaiduFault(3)
             if not principal.may_use(alias):
@@ -216,8 +216,9 @@ class BaiduDoor:
         authorization = header(scope, b"authorization") or ""
         if authorization.startswith("bce-auth-v1/"):
             return self._signed(scope, path, query, authorization)
-        if bearer(scope) is not None:
-            return self.pipeline.keyring.by_secret(bearer(scope))  # AuthenticationFailed -> 110
+        key = bearer(scope)
+        if key is not None:
+            return self.pipeline.keyring.by_secret(key)  # AuthenticationFailed -> 110
         raise BaiduFault(110)
 
     def _signed(self, scope: Scope, path: str, query: list[tuple[str, str]], authorization: str) -> Principal:
