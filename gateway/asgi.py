@@ -51,11 +51,14 @@ def bearer(scope: Scope) -> str | None:
     return None
 
 
-def request_id(scope: Scope) -> str:
-    rid = header(scope, b"x-request-id")
-    if rid and len(rid) <= 128 and rid.isprintable():
-        return rid
-    return "req-" + secrets.token_hex(12)
+def request_ids(scope: Scope) -> tuple[str, str]:
+    """(internal id, id to echo in `x-request-id`). The internal id is always the gateway's
+    own: limits and usage are idempotent by it, so a client must not be able to choose it."""
+    internal = "req-" + secrets.token_hex(12)
+    echo = header(scope, b"x-request-id")
+    if echo and len(echo) <= 128 and echo.isprintable():
+        return internal, echo
+    return internal, internal
 
 
 def encode_headers(pairs: dict[str, str]) -> Headers:

@@ -48,7 +48,7 @@ from gateway.asgi import (
     encode_headers,
     header,
     read_body,
-    request_id,
+    request_ids,
     send_response,
     stream_response,
 )
@@ -160,7 +160,7 @@ def error_body(err: GatewayError) -> bytes:
 def error_headers(err: GatewayError, rid: str, explain: bool = False) -> Headers:
     headers = [JSON, (b"x-request-id", rid.encode())]
     if err.meta is not None:
-        headers += meta_headers(err.meta, explain)[1:]
+        headers += meta_headers(err.meta, rid, explain)[1:]
     if err.retry_after is not None:
         headers.append((b"retry-after", str(max(1, math.ceil(err.retry_after))).encode()))
     if err.status == 429 and err.code == "insufficient_quota":
@@ -169,8 +169,8 @@ def error_headers(err: GatewayError, rid: str, explain: bool = False) -> Headers
     return headers
 
 
-def meta_headers(meta: CallMeta, explain: bool = False) -> Headers:
-    headers = [(b"x-request-id", meta.request_id.encode()),
+def meta_headers(meta: CallMeta, echo_id: str, explain: bool = False) -> Headers:
+    headers = [(b"x-request-id", echo_id.encode()),
                (b"x-gateway-backend", meta.backend.encode()),
                (b"x-gateway-attempts", str(meta.attempts).encode()),
                (b"x-gateway-cache", meta.cache.encode())]
@@ -230,7 +230,7 @@ class OpenAIDoor:
         await self._handle(scope, receive, send, decode_completion)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, decode: Any) -> None:
-        rid = request_id(scope)
+        rid, echo = request_ids(scope)
         explain = header(scope, b"x-gateway-explain") == "1"
         try:
             if scope["method"] != "POST":
@@ -246,12 +246,12 @@ class OpenAIDoor:
             if req.stream:
                 call = await self.pipeline.open_stream(principal, req, header(scope, b"cache-control"))
                 events = encode_stream(req, call.__aiter__(), cid, include_usage)
-                await stream_response(send, receive, 200, [*SSE, *meta_headers(call.meta, explain)], events)
+                await stream_response(send, receive, 200, [*SSE, *meta_headers(call.meta, echo, explain)], events)
                 return
             result, meta = await self.pipeline.complete(principal, req, header(scope, b"cache-control"))
-            await send_response(send, 200, encode_result(req, result, cid), [JSON, *meta_headers(meta, explain)])
+            await send_response(send, 200, encode_result(req, result, cid), [JSON, *meta_headers(meta, echo, explain)])
         except GatewayError as err:
-            await send_response(send, err.status, error_body(err), error_headers(err, rid, explain))
+            await send_response(send, err.status, error_body(err), error_headers(err, echo, explain))
 
     def models(self, secret: str | None) -> bytes:
         principal = self.pipeline.keyring.by_secret(secret)
