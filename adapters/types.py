@@ -52,8 +52,9 @@ class ChatRequest(msgspec.Struct, omit_defaults=True):
     seed: int | None = None
     stop: list[str] | None = None
     stream: bool = False
-    user: str | None = None
+    user: str | None = None  # the calling principal's user (set by the gateway, not the client)
     request_id: str = ""
+    trim_history: bool = False  # the route allows dropping the oldest turns to fit a backend's limit
     extra: dict[str, Any] = {}
 
     @property

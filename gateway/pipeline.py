@@ -128,6 +128,8 @@ class Pipeline:
 
     def _start(self, principal: Principal, req: ChatRequest) -> CallMeta:
         self.keyring.check_model(principal, req.model)
+        req.user = principal.user
+        req.trim_history = self.config.models[req.model].trim_history
         return CallMeta(request_id=req.request_id, alias=req.model)
 
     async def admit(self, principal: Principal, req: ChatRequest, meta: CallMeta) -> Admission | None:

@@ -131,7 +131,8 @@ class BaiduAdapter:
     # -- internals -------------------------------------------------------------------------
 
     def _payload(self, req: ChatRequest, stream: bool) -> bytes:
-        body = to_baidu(req, max_input_chars=self.cfg.max_input_chars, trim_history=self.cfg.trim_history)
+        trim = self.cfg.trim_history or req.trim_history
+        body = to_baidu(req, max_input_chars=self.cfg.max_input_chars, trim_history=trim)
         body.stream = stream
         return _encode(body)
 

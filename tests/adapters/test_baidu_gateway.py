@@ -68,6 +68,7 @@ backends:
 models:
   llama-baidu: {{targets: [{{backend: baidu-token}}]}}
   llama-baidu-iam: {{targets: [{{backend: baidu-iam}}]}}
+  llama-baidu-trimmed: {{targets: [{{backend: baidu-token}}], trim_history: true}}
 keys:
   - {{name: test-app, key: {KEY}, user: tester}}
 """
@@ -126,6 +127,23 @@ def test_system_even_count_consecutive_users_and_temperature_0_arrive_as_a_valid
     assert [m.role for m in sent.messages] == ["user", "assistant", "user"]
     assert sent.temperature is not None and sent.temperature > 0
     assert "system" not in emu[1].received[-1].json()
+
+
+def test_the_principals_user_is_sent_as_user_id(gateway: str, emu) -> None:
+    client(gateway).chat.completions.create(model="llama-baidu", messages=[{"role": "user", "content": "hi"}])
+    assert emu[1].received[-1].json()["user_id"] == "tester"
+
+
+def test_a_route_with_trim_history_drops_the_oldest_turns_instead_of_refusing(gateway: str, emu) -> None:
+    old = [{"role": "user", "content": "x" * 2000}, {"role": "assistant", "content": "y" * 2000}]
+    messages = [*old, *old, {"role": "user", "content": "latest question"}]
+    with pytest.raises(openai.BadRequestError):
+        client(gateway).chat.completions.create(model="llama-baidu", messages=messages)
+    r = client(gateway).chat.completions.create(model="llama-baidu-trimmed", messages=messages)
+    assert r.choices[0].message.content == "Hello! You said: latest question"
+    sent = emu[1].received[-1].json()["messages"]
+    assert sent[-1]["content"] == "latest question"
+    assert sum(len(m["content"]) for m in sent) <= 4800 and len(sent) % 2 == 1
 
 
 def test_an_injected_111_mid_run_is_refreshed_and_retried_and_the_client_sees_success(gateway: str, emu) -> None:
