@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import httpx
+import aiohttp
 import msgspec
 
 from adapters.base import AdapterContext, BackendConfig
@@ -67,7 +68,7 @@ def _error_message(resp: UpstreamResponse | None, raw: bytes) -> str:
     return raw[:300].decode("utf-8", "replace") or "no body"
 
 
-def _retry_after(headers: httpx.Headers) -> float | None:
+def _retry_after(headers: Mapping[str, str]) -> float | None:
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = headers.get(name)
         if value:
@@ -78,7 +79,7 @@ def _retry_after(headers: httpx.Headers) -> float | None:
     return None
 
 
-def error_from_status(backend: str, status: int, headers: httpx.Headers, raw: bytes) -> UpstreamError:
+def error_from_status(backend: str, status: int, headers: Mapping[str, str], raw: bytes) -> UpstreamError:
     try:
         parsed: UpstreamResponse | None = _decode_response(raw) if raw else None
     except msgspec.DecodeError:
@@ -101,45 +102,64 @@ def error_from_status(backend: str, status: int, headers: httpx.Headers, raw: by
 
 
 class OpenAIAdapter:
+    """One pooled aiohttp session per backend.
+
+    aiohttp rather than httpx here (DESIGN.md's stack choice, changed with a measured reason):
+    bench/client_cost.py measures httpx at 1.2-6 ms of CPU per upstream call (its pool scans
+    every connection on every request) against 0.17-0.19 ms for aiohttp, and this is the
+    adapter on the hot path of every vLLM request."""
+
     def __init__(self, cfg: OpenAIBackend, ctx: AdapterContext) -> None:
         self.name = ctx.name
         self.cfg = cfg
-        headers = {"content-type": "application/json"}
+        self.base = cfg.base_url.rstrip("/")
+        self.headers = {"content-type": "application/json"}
         if cfg.api_key:
-            headers["authorization"] = f"Bearer {cfg.api_key}"
+            self.headers["authorization"] = f"Bearer {cfg.api_key}"
         t = cfg.timeout
-        self.client = httpx.AsyncClient(
-            base_url=cfg.base_url.rstrip("/"),
-            headers=headers,
-            timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.read, pool=t.connect),
-            limits=httpx.Limits(max_connections=cfg.max_connections,
-                                max_keepalive_connections=cfg.max_connections),
-        )
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect, sock_read=t.read)
+        self._session: aiohttp.ClientSession | None = None
 
-    def _path(self, req: ChatRequest) -> str:
-        return "/chat/completions" if req.is_chat else "/completions"
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        # Created on first use: a session belongs to the running event loop.
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self.cfg.max_connections, ttl_dns_cache=300,
+                                             enable_cleanup_closed=False)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout,
+                                                  headers=self.headers, auto_decompress=True,
+                                                  trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
+        return self._session
 
-    def _transport_error(self, exc: httpx.HTTPError) -> UpstreamError:
-        if isinstance(exc, httpx.TimeoutException):
-            phase = "connecting to" if isinstance(exc, httpx.ConnectTimeout) else "waiting for"
-            return UpstreamTimeout(f"timed out {phase} backend {self.name}")
+    def _url(self, req: ChatRequest) -> str:
+        return self.base + ("/chat/completions" if req.is_chat else "/completions")
+
+    def _transport_error(self, exc: BaseException) -> UpstreamError:
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return UpstreamTimeout(f"timed out connecting to backend {self.name}")
+        if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+            return UpstreamTimeout(f"timed out waiting for backend {self.name}")
+        if isinstance(exc, aiohttp.ClientPayloadError):
+            return UpstreamProtocolError(f"backend {self.name} cut the response short")
         return UpstreamUnavailable(f"cannot reach backend {self.name}: {type(exc).__name__}")
 
     async def complete(self, req: ChatRequest) -> ChatResult:
         body = _encode(to_openai(req, self.cfg.model))
         try:
-            resp = await self.client.post(self._path(req), content=body)
-        except httpx.HTTPError as exc:
+            async with self.session.post(self._url(req), data=body) as resp:
+                raw = await resp.read()
+                status, headers = resp.status, resp.headers
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._transport_error(exc) from None
-        if resp.status_code != 200:
-            raise error_from_status(self.name, resp.status_code, resp.headers, resp.content)
+        if status != 200:
+            raise error_from_status(self.name, status, headers, raw)
         try:
-            data = _decode_response(resp.content)
+            data = _decode_response(raw)
         except msgspec.DecodeError:
             raise UpstreamProtocolError(f"backend {self.name} sent malformed JSON") from None
         if data.error is not None or not data.choices:
             raise UpstreamProtocolError(
-                f"backend {self.name} sent no choices: {_error_message(data, resp.content)}")
+                f"backend {self.name} sent no choices: {_error_message(data, raw)}")
         choice = data.choices[0]
         text = (choice.message.content if choice.message else choice.text) or ""
         return ChatResult(text=text, finish_reason=choice.finish_reason or "stop",
@@ -152,33 +172,38 @@ class OpenAIAdapter:
 
     async def stream(self, req: ChatRequest) -> AsyncIterator[ChatChunk]:
         body = _encode(to_openai(req, self.cfg.model))
-        request = self.client.build_request("POST", self._path(req), content=body)
         try:
-            resp = await self.client.send(request, stream=True)
-        except httpx.HTTPError as exc:
+            resp = await self.session.post(self._url(req), data=body)
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._transport_error(exc) from None
         try:
-            if resp.status_code != 200:
-                raw = await resp.aread()
-                raise error_from_status(self.name, resp.status_code, resp.headers, raw)
+            if resp.status != 200:
+                raw = await resp.read()
+                raise error_from_status(self.name, resp.status, resp.headers, raw)
             async for chunk in self._read_stream(resp, req):
                 yield chunk
-        except httpx.HTTPError as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._transport_error(exc) from None
         finally:
-            await resp.aclose()
+            # A stream read to its end goes back to the pool; one left early is closed, so the
+            # upstream sees the client go.
+            if resp.content.at_eof():
+                resp.release()
+            else:
+                resp.close()
 
-    async def _read_stream(self, resp: httpx.Response, req: ChatRequest) -> AsyncIterator[ChatChunk]:
+    async def _read_stream(self, resp: aiohttp.ClientResponse, req: ChatRequest) -> AsyncIterator[ChatChunk]:
         decoder = SSEDecoder()
         finish: str | None = None
         usage: Usage | None = None
         produced: list[str] = []
-        async for raw in resp.aiter_raw():
+        async for raw in resp.content.iter_any():
             for event in decoder.feed(raw):
                 if event.data == "[DONE]":
                     if usage is None:
                         usage = Usage(estimate_prompt_tokens(req),
                                       estimate_tokens("".join(produced)), "estimated")
+                    await resp.content.read()  # the chunked terminator: keeps the connection
                     yield ChatChunk(finish_reason=finish or "stop", usage=usage)
                     return
                 try:
@@ -201,7 +226,8 @@ class OpenAIAdapter:
         raise UpstreamProtocolError(f"backend {self.name} ended the stream without [DONE]")
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
 
 def build(cfg: OpenAIBackend, ctx: AdapterContext) -> OpenAIAdapter:
