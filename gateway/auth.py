@@ -37,6 +37,7 @@ class KeyRing:
         self._by_hash: dict[str, Principal] = {}
         self._by_name: dict[str, Principal] = {}
         self._signing_secrets: dict[str, str] = {}
+        self._by_secret: dict[str, Principal] = {}
         for k in config.keys:
             if k.key:
                 self._signing_secrets[k.name] = k.key
@@ -58,9 +59,12 @@ class KeyRing:
     def by_secret(self, secret: str | None) -> Principal:
         if not secret:
             raise AuthenticationFailed("Missing API key: send Authorization: Bearer <key>.")
-        p = self._by_hash.get(sha256_hex(secret))
+        p = self._by_secret.get(secret)
         if p is None:
-            raise AuthenticationFailed("Incorrect API key provided.")
+            p = self._by_hash.get(sha256_hex(secret))
+            if p is None:
+                raise AuthenticationFailed("Incorrect API key provided.")
+            self._by_secret[secret] = p  # only valid keys: bounded by the key count
         return p
 
     def by_name_and_secret(self, name: str, secret: str) -> Principal | None:
