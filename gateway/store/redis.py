@@ -1,10 +1,18 @@
 """The Redis store engine: one blocking connection pool shared by the whole process.
 
-The pool blocks (up to the command timeout) when all connections are busy rather than
-raising `MaxConnectionsError`: a limit must never open because the pool ran dry. Nothing is
-retried by redis-py (a retried admission could take a limit twice); every call is bounded by
-`timeout_ms` as a whole, so the gateway never hangs on Redis, and a later call simply
-reconnects once Redis is back. The Lua scripts in lua/ are loaded once and run by SHA.
+The pool blocks when all connections are busy rather than raising `MaxConnectionsError`: a
+limit must never open because the pool ran dry. Nothing is retried by redis-py (a retried
+admission could take a limit twice). The Lua scripts in lua/ are loaded once, run by SHA.
+
+How long a call may take: a call fails once Redis itself has been silent for `timeout_ms`
+(no reply, handshakes included, on any connection of this process) or refuses the connection,
+so a dead or hung Redis costs each request about `timeout_ms`, and a later call simply
+reconnects when Redis is back. A call that is only slow because this process is busy (a
+burst queued on the pool, an event loop running behind) keeps waiting while Redis keeps
+answering, up to a hard cap of ten timeouts: a spurious timeout would apply the failure
+policy, and opening a limit because our own queue was long is exactly the overshoot this
+store exists to prevent. Before Redis has answered this process at all, only a refused
+connection or the hard cap fails a call (a cold start's burst of handshakes is slow, not dead).
 """
 
 from __future__ import annotations
@@ -12,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
@@ -42,18 +52,48 @@ class _Script:
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
 
+class _Heard:
+    """When Redis last answered anything on any connection of this store (handshakes too);
+    None until it first did (a cold start's burst of handshakes is not a silent Redis)."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+
+def _listening(base: type[aioredis.Connection], heard: _Heard) -> type[aioredis.Connection]:
+    class ListeningConnection(base):  # type: ignore[valid-type, misc]
+        async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+            response = await super().read_response(*args, **kwargs)
+            heard.at = time.monotonic()
+            return response
+
+    return ListeningConnection
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned call's outcome, so that it is not reported as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
 class RedisStore:
     engine = "redis"
 
-    def __init__(self, url: str, timeout_ms: int = 250, max_connections: int = 64) -> None:
+    def __init__(self, url: str, timeout_ms: int = 250, max_connections: int = 16) -> None:
         self.timeout = timeout_ms / 1000
-        self.pool = aioredis.BlockingConnectionPool.from_url(
-            url,
+        self.hard_timeout = max(1.0, 10 * self.timeout)
+        self._heard = _Heard()
+        options = parse_url(url)
+        base = options.pop("connection_class", aioredis.Connection)
+        # redis-py's own timeouts are only the hard cap; the watchdog in _call decides sooner
+        self.pool = aioredis.BlockingConnectionPool(
+            connection_class=_listening(base, self._heard),
             max_connections=max_connections,
-            timeout=self.timeout,
-            socket_timeout=self.timeout,
-            socket_connect_timeout=self.timeout,
+            timeout=self.hard_timeout,
+            socket_timeout=self.hard_timeout,
+            socket_connect_timeout=self.hard_timeout,
             retry=Retry(NoBackoff(), 0),
+            **options,
         )
         self.client = aioredis.Redis(connection_pool=self.pool)
         self._admit = _Script("admit")
@@ -62,9 +102,31 @@ class RedisStore:
         self._release = _Script("release_lock")
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # The call runs in its own task, so giving up returns at once whatever redis-py does
+        # while it unwinds a cancelled command (it may wait for its own, longer timeouts).
+        task = asyncio.ensure_future(fn())
         try:
-            async with asyncio.timeout(self.timeout):
-                return await fn()
+            while True:
+                done, _ = await asyncio.wait((task,), timeout=self.timeout)
+                if done:
+                    break
+                await asyncio.sleep(0)  # replies that arrived while we were busy are read first
+                if task.done():
+                    break
+                at = self._heard.at
+                silent = at is not None and time.monotonic() - at >= self.timeout
+                if silent or loop.time() - started >= self.hard_timeout:
+                    task.cancel()
+                    task.add_done_callback(_consume)
+                    raise StoreUnavailable("redis: no reply in time")
+        except asyncio.CancelledError:
+            task.cancel()
+            task.add_done_callback(_consume)
+            raise
+        try:
+            return task.result()
         except (RedisError, OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
 

@@ -21,7 +21,7 @@ def engine(request: pytest.FixtureRequest) -> EngineFactory:
         return lambda: store
     server = request.getfixturevalue("redis_server")
     server.flushall()
-    return lambda: RedisStore(server.url, timeout_ms=2000)
+    return lambda: RedisStore(server.url)  # the default timeout, as a gateway would run
 
 
 @pytest.fixture

@@ -102,8 +102,8 @@ def test_twenty_identical_concurrent_misses_make_one_upstream_call(engine: Engin
 
 def test_single_flight_holds_across_two_processes(redis_url: str) -> None:
     async def go() -> None:
-        a = ResponseCache(RedisStore(redis_url, timeout_ms=2000))
-        b = ResponseCache(RedisStore(redis_url, timeout_ms=2000))
+        a = ResponseCache(RedisStore(redis_url))
+        b = ResponseCache(RedisStore(redis_url))
         calls: list[int] = []
         out = await _serve([a, b], a.key("alice", "m", request(), False), 20, calls)
         assert len(calls) == 1 and len(out) == 20

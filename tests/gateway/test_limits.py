@@ -60,7 +60,7 @@ def test_a_burst_of_three_n_admits_exactly_n(engine: EngineFactory) -> None:
 
 def test_two_redis_clients_share_one_rpm_limit_under_concurrency(redis_url: str) -> None:
     async def go() -> None:
-        a, b = RedisStore(redis_url, timeout_ms=2000), RedisStore(redis_url, timeout_ms=2000)
+        a, b = RedisStore(redis_url), RedisStore(redis_url)
         la, lb = Limiter(a), Limiter(b)
         p = principal(Limits(rpm=100))
         out = await asyncio.gather(*(try_admit(la if i % 2 else lb, p) for i in range(300)))
@@ -74,7 +74,7 @@ def test_two_redis_clients_share_one_rpm_limit_under_concurrency(redis_url: str)
 
 def test_a_pool_smaller_than_the_burst_waits_instead_of_opening_the_limit(redis_url: str) -> None:
     async def go() -> None:
-        store = RedisStore(redis_url, timeout_ms=5000, max_connections=2)
+        store = RedisStore(redis_url, max_connections=2)  # the default 250 ms timeout
         lim = Limiter(store, StoreErrorPolicy(limits="open"))
         p = principal(Limits(rpm=50))
         out = await asyncio.gather(*(try_admit(lim, p) for _ in range(300)))

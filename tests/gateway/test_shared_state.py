@@ -29,7 +29,7 @@ def auth(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 
 
-def config(emulator_url: str, redis_url: str, timeout_ms: int = 3000) -> str:
+def config(emulator_url: str, redis_url: str, timeout_ms: int = 250) -> str:
     return f"""
 store: {{url: "{redis_url}", timeout_ms: {timeout_ms}, slot_ttl: 2}}
 admin: {{key: admin-secret}}
