@@ -40,7 +40,7 @@ from gateway.store.base import (
     StoreUnavailable,
     hash_tag,
 )
-from gateway.usage import UsageRecord, usage_write
+from gateway.usage import UsageRecord, usage_write, utc_periods
 
 log = logging.getLogger("llm_gateway.limits")
 
@@ -69,10 +69,6 @@ def _rate_scope(tag: str, name: str, lim: Limits) -> RateScope | None:
     base = f"gw:{tag}:rl:{name}"
     return RateScope(f"{base}:rpm", f"{base}:tpm", f"{base}:slots",
                      _limit(lim.rpm), _limit(lim.tpm), _limit(lim.concurrency))
-
-
-def _periods(now: datetime) -> tuple[str, str]:
-    return now.strftime("%Y-%m-%d"), now.strftime("%Y-%m")
 
 
 class Admission:
@@ -163,8 +159,7 @@ class Limiter:
             s = _rate_scope(tag, f"{principal.key_name}@{alias}", alias_limits)
             if s is not None:
                 scopes.append(s)
-        now = datetime.now(UTC)
-        day, month = _periods(now)
+        day, month = utc_periods(time.time())
         quota = None
         q = principal.quota
         if q is not None and not (q.tokens_per_day is None and q.tokens_per_month is None
@@ -189,7 +184,7 @@ class Limiter:
             log.warning("store unavailable at admission, admitting (policy open): %s", exc)
             return adm
         if isinstance(out, Refused):
-            raise self._refusal(out, principal, adm, now)
+            raise self._refusal(out, principal, adm, datetime.now(UTC))
         adm.taken = True
         adm.result = out
         lease = adm.lease

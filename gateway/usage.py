@@ -24,6 +24,20 @@ STREAM_KEY = "gw:usage:events"
 MAX_DAYS = 400
 
 
+_last_day: tuple[int, str, str] = (-1, "", "")
+
+
+def utc_periods(ts: float) -> tuple[str, str]:
+    """The UTC day ("2025-01-31") and month ("2025-01") of a timestamp; cached per day, as
+    every request asks."""
+    global _last_day
+    n = int(ts // 86400)
+    if n != _last_day[0]:
+        d = datetime.fromtimestamp(n * 86400, UTC)
+        _last_day = (n, d.strftime("%Y-%m-%d"), d.strftime("%Y-%m"))
+    return _last_day[1], _last_day[2]
+
+
 class UsageRecord(msgspec.Struct, kw_only=True):
     """One request's usage. `source` is how the tokens are known: reported by the upstream,
     or estimated by the gateway (no usage reported, or a stream cut by the client)."""
@@ -41,7 +55,7 @@ class UsageRecord(msgspec.Struct, kw_only=True):
 
     @property
     def day(self) -> str:
-        return datetime.fromtimestamp(self.ts, UTC).strftime("%Y-%m-%d")
+        return utc_periods(self.ts)[0]
 
 
 def counters_key(tag: str, day: str) -> str:

@@ -106,25 +106,45 @@ class RedisStore:
         started = loop.time()
         # The call runs in its own task, so giving up returns at once whatever redis-py does
         # while it unwinds a cancelled command (it may wait for its own, longer timeouts).
-        task = asyncio.ensure_future(fn())
+        task = loop.create_task(fn())
+        woken = loop.create_future()
+
+        def wake(_: object = None) -> None:
+            if not woken.done():
+                woken.set_result(None)
+
+        def watch() -> None:
+            at = self._heard.at
+            silent = at is not None and time.monotonic() - at >= self.timeout
+            if silent or loop.time() - started >= self.hard_timeout:
+                # replies that arrived while the loop was busy are read by callbacks queued
+                # ahead of this one: look once more after them before giving up
+                timer[0] = loop.call_soon(confirm)
+            else:
+                timer[0] = loop.call_later(self.timeout, watch)
+
+        def confirm() -> None:
+            at = self._heard.at
+            if (at is not None and time.monotonic() - at >= self.timeout) or \
+                    loop.time() - started >= self.hard_timeout:
+                wake()
+            else:
+                timer[0] = loop.call_later(self.timeout, watch)
+
+        task.add_done_callback(wake)
+        timer = [loop.call_later(self.timeout, watch)]
         try:
-            while True:
-                done, _ = await asyncio.wait((task,), timeout=self.timeout)
-                if done:
-                    break
-                await asyncio.sleep(0)  # replies that arrived while we were busy are read first
-                if task.done():
-                    break
-                at = self._heard.at
-                silent = at is not None and time.monotonic() - at >= self.timeout
-                if silent or loop.time() - started >= self.hard_timeout:
-                    task.cancel()
-                    task.add_done_callback(_consume)
-                    raise StoreUnavailable("redis: no reply in time")
+            await woken
         except asyncio.CancelledError:
             task.cancel()
             task.add_done_callback(_consume)
             raise
+        finally:
+            timer[0].cancel()
+        if not task.done():
+            task.cancel()
+            task.add_done_callback(_consume)
+            raise StoreUnavailable("redis: no reply in time")
         try:
             return task.result()
         except (RedisError, OSError, TimeoutError) as exc:
