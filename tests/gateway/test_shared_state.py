@@ -199,6 +199,31 @@ def test_slots_of_a_killed_gateway_free_themselves_within_their_ttl(
             doomed.kill()
 
 
+def test_a_stream_cut_by_the_client_is_billed_for_what_was_produced(
+        gateways: tuple[str, str], emulator: tuple[LoopbackServer, EmulatorControl]) -> None:
+    ctl = emulator[1]
+    ctl.chunk_delay = 0.2
+    words = " ".join(f"word{i}" for i in range(30))
+    with httpx.stream("POST", gateways[1] + "/v1/chat/completions", headers=auth("sk-bob"), timeout=30,
+                      json={"model": "llama", "stream": True, "messages": [{"role": "user", "content": words}]}) as r:
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data: ")
+            if seen == 4:
+                break
+    deadline = time.monotonic() + 10
+    while True:
+        report = httpx.get(gateways[0] + "/admin/usage", params={"user": "bob", "alias": "llama"}, headers=ADMIN)
+        totals = report.json()["totals"]
+        if totals["requests"]:
+            break
+        assert time.monotonic() < deadline, "the cut stream was never settled"
+        time.sleep(0.1)
+    assert totals["requests"] == 1 and totals["reported_tokens"] == 0
+    assert 3 <= totals["completion_tokens"] < 32  # what was produced before the cut, not the whole answer
+    assert totals["estimated_tokens"] == totals["prompt_tokens"] + totals["completion_tokens"]
+
+
 def _cached(url: str, key: str, text: str, alias: str = "cached", **kw: object) -> httpx.Response:
     return httpx.post(url + "/v1/chat/completions", headers=auth(key), timeout=30,
                       json={"model": alias, "temperature": 0, "messages": [{"role": "user", "content": text}],
