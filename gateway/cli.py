@@ -29,8 +29,11 @@ def _serve(args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     workers = args.workers or config.server.workers
+    # No access log, no proxy-header rewriting, no Server/Date headers: per-request work
+    # that a gateway behind a load balancer does not need.
     opts = {"host": host, "port": port, "log_level": args.log_level, "access_log": False,
-            "loop": "uvloop", "http": "httptools", "timeout_graceful_shutdown": 30}
+            "loop": "uvloop", "http": "httptools", "timeout_graceful_shutdown": 30,
+            "proxy_headers": False, "server_header": False, "date_header": False}
     if workers > 1:
         from uvicorn.supervisors import Multiprocess
 
