@@ -188,12 +188,16 @@ async def encode_stream(req: ChatRequest, chunks: AsyncIterator[ChatChunk], rid:
     if req.is_chat:
         yield _sse(ChatCompletionChunk(rid, created, req.model,
                                        [ChunkChoice(0, Delta(role="assistant", content=""))]))
+    # A content chunk is the same bytes around the JSON-encoded text: build the two halves once.
+    head, tail = _text_chunk_halves(req, rid, created)
     try:
         async for chunk in chunks:
             if chunk.usage is not None:
                 usage = chunk.usage
-            if chunk.text or chunk.finish_reason:
+            if chunk.finish_reason:
                 yield _sse(_chunk(req, rid, created, chunk.text, chunk.finish_reason))
+            elif chunk.text:
+                yield head + _encode(chunk.text) + tail
     except GatewayError as err:
         # Headers are gone: the error travels as an event the SDK raises on, then [DONE].
         yield b"data: " + error_body(err) + b"\n\n"
@@ -210,6 +214,13 @@ def _chunk(req: ChatRequest, rid: str, created: int, text: str, finish: str | No
         delta = Delta(content=text) if text else Delta()
         return ChatCompletionChunk(rid, created, req.model, [ChunkChoice(0, delta, finish)])
     return TextCompletion(rid, created, req.model, [TextChoice(0, text, finish)])
+
+
+def _text_chunk_halves(req: ChatRequest, rid: str, created: int) -> tuple[bytes, bytes]:
+    marker = "\x00text\x00"
+    whole = _sse(_chunk(req, rid, created, marker, None))
+    head, _, tail = whole.partition(_encode(marker))
+    return head, tail
 
 
 def _sse(obj: Any) -> bytes:
