@@ -249,7 +249,7 @@ def processes(tmp_path_factory: pytest.TempPathFactory, emu,
 
 def _assert_logs_clean(tmp: Path, app: BaiduEmulator, issued: set[str]) -> None:
     text = "".join(p.read_text() for p in tmp.glob("gw*.log"))
-    assert "fetched access token" in text and "access_token=***" in text  # the logs were captured
+    assert "fetched access token" in text  # the logs were captured (httpx no longer logs URLs at INFO)
     for secret in (DEMO_SECRET_KEY, DEMO_IAM_SECRET, *issued):
         assert secret not in text
 
