@@ -546,3 +546,26 @@ def test_openai_and_baidu_doors_give_the_same_answer(gateway: str, token: str) -
     pieces = oa.chat.completions.create(model="llama-3-8b", messages=conversation, stream=True)
     assert "".join(e["result"] for e in streamed) == \
         "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+
+
+def test_gateway_limits_and_quotas_answer_in_baidus_codes(
+        emulator: tuple[LoopbackServer, EmulatorControl]) -> None:
+    """rpm -> 18, tpm -> 4, quota -> 17, end to end through the Baidu door (HTTP 200 bodies)."""
+    config = config_text(emulator[0].url).replace(
+        "  - {name: bob-app, key: " + OTHER_KEY + ", user: bob}",
+        "  - {name: bob-app, key: " + OTHER_KEY + ", user: bob, limits: {rpm: 1}}\n"
+        "  - {name: carol-app, key: sk-carol, user: carol, limits: {tpm: 60}}\n"
+        "  - {name: dave-app, key: sk-dave, user: dave}\n"
+        "users:\n  dave: {quota: {requests_per_day: 1}}")
+    bearer = {"authorization": f"Bearer {OTHER_KEY}"}
+    with start_gateway(config) as url:
+        assert "result" in chat(url, user("one"), headers=bearer).json()
+        refused = chat(url, user("two"), headers=bearer)
+        assert refused.status_code == 200 and refused.json()["error_code"] == 18
+        small = {**user("hi"), "max_output_tokens": 2}
+        carol = {"authorization": "Bearer sk-carol"}
+        answers = [chat(url, small, headers=carol).json() for _ in range(12)]
+        assert any(a.get("error_code") == 4 for a in answers), answers
+        dave = {"authorization": "Bearer sk-dave"}
+        assert "result" in chat(url, user("one"), headers=dave).json()
+        assert chat(url, user("two"), headers=dave).json()["error_code"] == 17
