@@ -30,6 +30,7 @@ from gateway.errors import AuthenticationFailed, GatewayError
 from gateway.inbound.baidu import API_PREFIX, SERVICE_LIST_PATH, BaiduDoor
 from gateway.inbound.openai import OpenAIDoor, error_body
 from gateway.limits import Limiter
+from gateway.metrics import CONTENT_TYPE, Metrics, build_registry, render
 from gateway.pipeline import Pipeline
 from gateway.routing import BackendStats, Router
 from gateway.store import Store, open_store
@@ -42,7 +43,8 @@ class Routes:
     """Everything built from one config: replaced whole on reload."""
 
     def __init__(self, config: Config, store: Store, stats: dict[str, BackendStats],
-                 limiter: Limiter | None = None, cache: ResponseCache | None = None) -> None:
+                 limiter: Limiter | None = None, cache: ResponseCache | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.config = config
         self.keyring = KeyRing(config)
         self.adapters: dict[str, Adapter] = {
@@ -50,9 +52,9 @@ class Routes:
             for name, cfg in config.backends.items()
         }
         self.router = Router(config, self.adapters, store, stats)
-        self.pipeline = Pipeline(config, self.keyring, self.adapters, self.router, limiter, cache)
+        self.pipeline = Pipeline(config, self.keyring, self.adapters, self.router, limiter, cache, metrics)
         self.openai = OpenAIDoor(self.pipeline)
-        self.baidu = BaiduDoor(self.pipeline, store, config)
+        self.baidu = BaiduDoor(self.pipeline.for_door("baidu"), store, config)
 
     def start(self) -> None:
         self.router.cooldowns.start()
@@ -75,8 +77,15 @@ class Gateway:
         self.limiter = Limiter(self.store, config.store.on_error, slot_ttl=config.store.slot_ttl)
         self.cache = ResponseCache(self.store)
         self.ledger = UsageLedger(self.store)
-        self.routes = Routes(config, self.store, self.stats, self.limiter, self.cache)
+        self.metrics = Metrics()  # survives reloads; read at scrape time through self.registry
+        self.registry = build_registry(self.metrics, self._metric_sources)
+        self.routes = Routes(config, self.store, self.stats, self.limiter, self.cache, self.metrics)
         self._retired: set[asyncio.Task[None]] = set()
+
+    def _metric_sources(self) -> dict[str, object]:
+        routes = self.routes
+        return {"limiter": self.limiter, "cache": self.cache, "stats": self.stats,
+                "cooldowns": routes.router.cooldowns, "backends": list(routes.config.backends)}
 
     async def reload(self) -> None:
         """Re-read the YAML; swap routes atomically, or keep the old ones if it is invalid.
@@ -88,7 +97,7 @@ class Gateway:
         config = load_config(self.config_path)
         if config.store.url != self.routes.config.store.url:
             raise ConfigError("store.url cannot change on reload; restart the gateway")
-        new = Routes(config, self.store, self.stats, self.limiter, self.cache)
+        new = Routes(config, self.store, self.stats, self.limiter, self.cache, self.metrics)
         self.limiter.on_error = config.store.on_error
         new.start()
         old, self.routes = self.routes, new
@@ -169,6 +178,12 @@ def create_app(config: Config, config_path: str | Path | None = None) -> Litesta
                 "pending_settlements": gw.limiter.pending}
         return Response(body, status_code=200 if store_ok else 503)
 
+    @get("/metrics", media_type=CONTENT_TYPE)
+    async def metrics() -> Response[bytes]:
+        # No key, like /healthz: scrapers should not hold the admin key, and no sample names a
+        # user or a key (labels are doors, aliases, backends, status and error codes).
+        return Response(render(gw.registry), media_type=CONTENT_TYPE)
+
     @get("/admin/usage", media_type=MediaType.JSON)
     async def admin_usage(request: Request) -> Response[bytes]:
         _admin(request, gw)
@@ -209,7 +224,7 @@ def create_app(config: Config, config_path: str | Path | None = None) -> Litesta
 
     app = Litestar(
         route_handlers=[chat_completions, completions, baidu_chat, baidu_token, baidu_service_list, models,
-                        healthz, readyz, admin_usage, admin_reload],
+                        healthz, readyz, metrics, admin_usage, admin_reload],
         exception_handlers={GatewayError: on_gateway_error, Exception: on_unexpected},
         lifespan=[lifespan],
         openapi_config=None,

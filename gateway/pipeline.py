@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,6 +28,7 @@ from gateway.cache import CacheFill, ResponseCache, cache_use, replay
 from gateway.config import Config
 from gateway.errors import GatewayError, UpstreamFailed
 from gateway.limits import Admission, Limiter, reservation_estimate
+from gateway.metrics import Metrics
 from gateway.routing import Router
 from gateway.usage import UsageRecord
 
@@ -86,6 +88,7 @@ class StreamCall:
                 yield self._observe(chunk)
         except UpstreamError as exc:
             self._error = exc.code
+            self._pipeline.metrics.stream_failed(self.meta.backend, exc.code)
             raise UpstreamFailed(exc) from None
         finally:
             await self.aclose()
@@ -118,13 +121,27 @@ class StreamCall:
 
 class Pipeline:
     def __init__(self, config: Config, keyring: KeyRing, adapters: dict[str, Adapter],
-                 router: Router, limiter: Limiter | None = None, cache: ResponseCache | None = None) -> None:
+                 router: Router, limiter: Limiter | None = None, cache: ResponseCache | None = None,
+                 metrics: Metrics | None = None, door: str = "openai") -> None:
         self.config = config
         self.keyring = keyring
         self.adapters = adapters
         self.router = router
         self.limiter = limiter  # None: no limits, quotas nor usage accounting
         self.cache = cache  # None: no response cache
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.door = door  # the inbound dialect, a metrics label
+
+    def for_door(self, door: str) -> Pipeline:
+        """The same pipeline (shared router, limiter, cache, metrics), counting under `door`."""
+        other = copy.copy(self)
+        other.door = door
+        return other
+
+    def _count(self, alias: str, status: int, meta: CallMeta | None) -> None:
+        route = self.config.models.get(alias)
+        self.metrics.request(self.door, alias if route is not None else "unknown", status, meta,
+                             route is not None and route.cache is not None)
 
     def _start(self, principal: Principal, req: ChatRequest) -> CallMeta:
         self.keyring.check_model(principal, req.model)
@@ -181,6 +198,19 @@ class Pipeline:
 
     async def complete(self, principal: Principal, req: ChatRequest,
                        cache_control: str | None = None) -> tuple[ChatResult, CallMeta]:
+        try:
+            result, meta = await self._complete(principal, req, cache_control)
+        except GatewayError as exc:
+            self._count(req.model, exc.status, exc.meta)
+            raise
+        except Exception:
+            self._count(req.model, 500, None)
+            raise
+        self._count(req.model, 200, meta)
+        return result, meta
+
+    async def _complete(self, principal: Principal, req: ChatRequest,
+                        cache_control: str | None) -> tuple[ChatResult, CallMeta]:
         meta = self._start(principal, req)
         admission = await self.admit(principal, req, meta)
         usage: Usage | None = None
@@ -213,6 +243,20 @@ class Pipeline:
 
     async def open_stream(self, principal: Principal, req: ChatRequest,
                           cache_control: str | None = None) -> StreamCall:
+        """Counted as a 200 once the first chunk is in; a later failure is an upstream error."""
+        try:
+            call = await self._open_stream(principal, req, cache_control)
+        except GatewayError as exc:
+            self._count(req.model, exc.status, exc.meta)
+            raise
+        except Exception:
+            self._count(req.model, 500, None)
+            raise
+        self._count(req.model, 200, call.meta)
+        return call
+
+    async def _open_stream(self, principal: Principal, req: ChatRequest,
+                           cache_control: str | None) -> StreamCall:
         meta = self._start(principal, req)
         admission = await self.admit(principal, req, meta)
         fill: CacheFill | None = None

@@ -184,9 +184,9 @@ class BaiduDoor:
                 raise BaiduFault(336003, "the request body is too large") from None
             req = decode_chat(body, alias, rid)
             if req.stream:
-                call = await self.pipeline.open_stream(principal, req)
+                call = await self.pipeline.open_stream(principal, req, header(scope, b"cache-control"))
             else:
-                result, meta = await self.pipeline.complete(principal, req)
+                result, meta = await self.pipeline.complete(principal, req, header(scope, b"cache-control"))
         except SignatureRejected as exc:
             await send_response(send, *iam_rejection(exc, rid))
             return
