@@ -11,6 +11,7 @@ Every sample is per process: with `--workers N`, a scrape reaches one worker.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -31,33 +32,31 @@ class Metrics:
     __slots__ = ("attempts", "cache", "requests", "upstream_errors")
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, str], int] = {}  # (door, alias, status)
-        self.attempts: dict[str, int] = {}  # backend
-        self.upstream_errors: dict[tuple[str, str], int] = {}  # (backend, error code)
-        self.cache: dict[tuple[str, str], int] = {}  # (alias, hit|miss|bypass)
+        self.requests: defaultdict[tuple[str, str, int], int] = defaultdict(int)  # (door, alias, status)
+        self.attempts: defaultdict[str, int] = defaultdict(int)  # backend
+        self.upstream_errors: defaultdict[tuple[str, str], int] = defaultdict(int)  # (backend, error code)
+        self.cache: defaultdict[tuple[str, str], int] = defaultdict(int)  # (alias, hit|miss|bypass)
 
     def request(self, door: str, alias: str, status: int, meta: CallMeta | None, cached: bool) -> None:
         """One request's outcome; `meta` (when the call got that far) says which backends were
         tried and how each attempt ended, and the cache state (counted when the alias caches)."""
-        key = (door, alias, str(status))
-        self.requests[key] = self.requests.get(key, 0) + 1
+        self.requests[(door, alias, status)] += 1
         if meta is None:
             return
         if cached:
-            ck = (alias, meta.cache)
-            self.cache[ck] = self.cache.get(ck, 0) + 1
+            self.cache[(alias, meta.cache)] += 1
         for d in meta.decisions:
             if "skipped" in d:
                 continue
             backend = d["backend"]
-            self.attempts[backend] = self.attempts.get(backend, 0) + 1
+            self.attempts[backend] += 1
             code = d.get("error")
             if code is not None:
-                self.upstream_errors[(backend, code)] = self.upstream_errors.get((backend, code), 0) + 1
+                self.upstream_errors[(backend, code)] += 1
 
     def stream_failed(self, backend: str, code: str) -> None:
         """A stream cut by its backend after the first chunk (no longer an attempt to retry)."""
-        self.upstream_errors[(backend, code)] = self.upstream_errors.get((backend, code), 0) + 1
+        self.upstream_errors[(backend, code)] += 1
 
 
 class GatewayCollector(Collector):
@@ -73,7 +72,7 @@ class GatewayCollector(Collector):
                                        "outcome status (the OpenAI status; the Baidu door's error bodies "
                                        "travel in HTTP 200)", labels=["door", "alias", "status"])
         for (door, alias, status), n in list(m.requests.items()):
-            requests.add_metric([door, alias, status], n)
+            requests.add_metric([door, alias, str(status)], n)
         yield requests
         attempts = CounterMetricFamily("gateway_upstream_attempts", "Calls to a backend (retries and "
                                        "fallbacks count once each)", labels=["backend"])
