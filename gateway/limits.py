@@ -32,6 +32,7 @@ from gateway.store.base import (
     UNLIMITED,
     AdmitPlan,
     Lease,
+    LimitSet,
     QuotaScope,
     RateScope,
     Refused,
@@ -74,37 +75,51 @@ def _rate_scope(tag: str, name: str, lim: Limits) -> RateScope | None:
 class Admission:
     """What one request was admitted with; hand it back to `Limiter.settle`."""
 
-    __slots__ = ("alias", "day", "est_tokens", "month", "quota", "request_id", "result", "scopes",
-                 "settled", "tag", "taken", "user")
+    __slots__ = ("alias", "est_tokens", "limits", "request_id", "result", "settled", "tag", "taken", "user")
 
     def __init__(self, request_id: str, user: str, alias: str, tag: str, est_tokens: int,
-                 scopes: tuple[RateScope, ...], quota: QuotaScope | None, day: str, month: str) -> None:
+                 limits: LimitSet | None) -> None:
         self.request_id = request_id
         self.alias = alias
         self.user = user
         self.tag = tag
         self.est_tokens = est_tokens
-        self.scopes = scopes
-        self.quota = quota
-        self.day = day
-        self.month = month
+        self.limits = limits  # None: no limits nor quota apply
         self.taken = False  # True once the store took the limits (False: no limits, or store down)
         self.result: Any = None
         self.settled = False
 
     @property
+    def scopes(self) -> tuple[RateScope, ...]:
+        return self.limits.scopes if self.limits is not None else ()
+
+    @property
+    def quota(self) -> QuotaScope | None:
+        return self.limits.quota if self.limits is not None else None
+
+    @property
     def lease(self) -> Lease | None:
+        lim = self.limits
+        if lim is None:
+            return None
         keys: list[str] = []
         members: list[str] = []
-        for s in self.scopes:
+        for s in lim.scopes:
             if s.concurrency >= 0:
                 keys.append(s.slots_key)
                 members.append(self.request_id)
-        q = self.quota
-        if q is not None and self.est_tokens > 0 and (q.tokens_per_day >= 0 or q.tokens_per_month >= 0):
+        q = lim.quota
+        if q is not None and self.est_tokens > 0 and lim.reserves:
             keys += [q.reservations_key, q.reserved_key]
             members += [f"{self.request_id}|{self.est_tokens}", ""]
         return Lease(tuple(keys), tuple(members)) if keys else None
+
+    def _holds(self) -> bool:
+        """Whether this admission holds a slot or a reservation to keep alive (see `lease`)."""
+        lim = self.limits
+        if lim is None:
+            return False
+        return any(s.concurrency >= 0 for s in lim.scopes) or (self.est_tokens > 0 and lim.reserves)
 
     def headers(self) -> dict[str, str]:
         r = self.result
@@ -144,11 +159,19 @@ class Limiter:
         self._pending: deque[SettlePlan] = deque(maxlen=max_pending)
         self._drainer: asyncio.Task[None] | None = None
         self.store_errors = 0  # a counter for metrics
+        # (key name, alias) -> (principal, day, its LimitSet); user -> hash tag
+        self._sets: dict[tuple[str, str], tuple[PrincipalLike, str, LimitSet | None]] = {}
+        self._tags: dict[str, str] = {}
+        self._bare: dict[str, LimitSet] = {}  # hash tag -> the LimitSet of a user without limits
 
     # -- admission --
-    async def admit(self, principal: PrincipalLike, alias: str, request_id: str,
-                    est_tokens: int) -> Admission:
-        tag = hash_tag(principal.user)
+    def _limit_set(self, principal: PrincipalLike, alias: str, tag: str, day: str, month: str) -> LimitSet | None:
+        """The principal x alias's limits for that day (None: nothing applies), built once per
+        principal object, alias and day: principals are rebuilt when the config changes."""
+        cache_key = (principal.key_name, alias)
+        hit = self._sets.get(cache_key)
+        if hit is not None and hit[0] is principal and hit[1] == day:
+            return hit[2]
         scopes: list[RateScope] = []
         if principal.limits is not None:
             s = _rate_scope(tag, principal.key_name, principal.limits)
@@ -159,7 +182,6 @@ class Limiter:
             s = _rate_scope(tag, f"{principal.key_name}@{alias}", alias_limits)
             if s is not None:
                 scopes.append(s)
-        day, month = utc_periods(time.time())
         quota = None
         q = principal.quota
         if q is not None and not (q.tokens_per_day is None and q.tokens_per_month is None
@@ -167,18 +189,35 @@ class Limiter:
             quota = QuotaScope(f"gw:{tag}:q:{day}", f"gw:{tag}:q:{month}", f"gw:{tag}:q:res",
                                f"gw:{tag}:q:reserved", _limit(q.tokens_per_day),
                                _limit(q.tokens_per_month), _limit(q.requests_per_day))
-        adm = Admission(request_id, principal.user, alias, tag, max(0, est_tokens), tuple(scopes), quota, day, month)
-        if not scopes and quota is None:
+        limits = None
+        if scopes or quota is not None:
+            limits = LimitSet(tuple(scopes), quota, f"gw:{tag}:settled", self.slot_ttl_ms, self.window_ms,
+                              self.dedupe_ms, self.counters_ttl_ms)
+        if len(self._sets) >= 10_000:
+            self._sets.clear()
+        self._sets[cache_key] = (principal, day, limits)
+        return limits
+
+    async def admit(self, principal: PrincipalLike, alias: str, request_id: str,
+                    est_tokens: int) -> Admission:
+        tag = self._tags.get(principal.user)
+        if tag is None:
+            if len(self._tags) >= 10_000:
+                self._tags.clear()
+            tag = self._tags[principal.user] = hash_tag(principal.user)
+        day, month = utc_periods(time.time())
+        limits = self._limit_set(principal, alias, tag, day, month)
+        adm = Admission(request_id, principal.user, alias, tag, max(0, est_tokens), limits)
+        if limits is None:
             return adm  # nothing to check: no store round trip
-        plan = AdmitPlan(request_id, adm.est_tokens, adm.scopes, quota, self.slot_ttl_ms, self.window_ms)
         try:
-            out = await self.store.admit(plan)
+            out = await self.store.admit(AdmitPlan(request_id, adm.est_tokens, limits))
         except StoreUnavailable as exc:
             self.store_errors += 1
-            if quota is not None and self.on_error.quota == "closed":
+            if limits.quota is not None and self.on_error.quota == "closed":
                 raise StoreUnavailableError("Usage quotas cannot be checked right now (store unavailable).",
                                             retry_after=1) from None
-            if scopes and self.on_error.limits == "closed":
+            if limits.scopes and self.on_error.limits == "closed":
                 raise StoreUnavailableError("Rate limits cannot be checked right now (store unavailable).",
                                             retry_after=1) from None
             log.warning("store unavailable at admission, admitting (policy open): %s", exc)
@@ -187,8 +226,7 @@ class Limiter:
             raise self._refusal(out, principal, adm, datetime.now(UTC))
         adm.taken = True
         adm.result = out
-        lease = adm.lease
-        if lease is not None:
+        if adm._holds():
             self._live[request_id] = adm
             self._ensure_keeper()
         return adm
@@ -230,17 +268,21 @@ class Limiter:
         admission.settled = True
         self._live.pop(admission.request_id, None)
         actual = usage.total_tokens if usage is not None else 0
+        limits = admission.limits
+        if limits is None:  # no limits nor quota: only the usage is recorded
+            limits = self._bare.get(admission.tag)
+            if limits is None:
+                if len(self._bare) >= 10_000:
+                    self._bare.clear()
+                limits = self._bare[admission.tag] = LimitSet(
+                    (), None, f"gw:{admission.tag}:settled", self.slot_ttl_ms, self.window_ms, self.dedupe_ms,
+                    self.counters_ttl_ms)
         plan = SettlePlan(
             request_id=admission.request_id,
-            settled_key=f"gw:{admission.tag}:settled",
             est_tokens=admission.est_tokens if admission.taken else 0,
             actual_tokens=actual,
-            usage=usage_write(record, admission.tag, self.counters_ttl_ms, self.stream_maxlen,
-                              admission.request_id),
-            scopes=admission.scopes,
-            quota=admission.quota,
-            window_ms=self.window_ms,
-            dedupe_ms=self.dedupe_ms,
+            usage=usage_write(record, admission.tag, self.stream_maxlen, admission.request_id),
+            limits=limits,
         )
         try:
             await self.store.settle(plan)

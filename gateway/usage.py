@@ -16,10 +16,8 @@ from typing import Any
 
 import msgspec
 
-from gateway.store.base import Store, UsageWrite, hash_tag
+from gateway.store.base import COUNTERS, Store, UsageWrite, hash_tag
 
-COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "reported_tokens", "estimated_tokens",
-            "cache_hits", "errors")
 STREAM_KEY = "gw:usage:events"
 MAX_DAYS = 400
 
@@ -66,41 +64,39 @@ def index_key(day: str) -> str:
     return f"gw:usage:users:{day}"
 
 
-def increments(record: UsageRecord) -> dict[str, int]:
+def counts(record: UsageRecord) -> tuple[int, ...]:
+    """The counters a record adds, in COUNTERS order."""
     total = record.prompt_tokens + record.completion_tokens
-    counts = {
-        "requests": 1,
-        "prompt_tokens": record.prompt_tokens,
-        "completion_tokens": record.completion_tokens,
-        "reported_tokens": total if record.source == "reported" else 0,
-        "estimated_tokens": total if record.source == "estimated" else 0,
-        "cache_hits": int(record.cache_hit),
-        "errors": int(record.error is not None),
-    }
+    return (1, record.prompt_tokens, record.completion_tokens,
+            total if record.source == "reported" else 0, total if record.source == "estimated" else 0,
+            int(record.cache_hit), int(record.error is not None))
+
+
+def increments(record: UsageRecord) -> dict[str, int]:
     base = f"{record.alias}|{record.backend}|"
-    return {base + name: n for name, n in counts.items() if n}
+    return {base + name: n for name, n in zip(COUNTERS, counts(record), strict=True) if n}
 
 
-def usage_write(record: UsageRecord, tag: str, counters_ttl_ms: int, stream_maxlen: int,
-                request_id: str) -> UsageWrite:
-    event = {
-        "request_id": request_id,
-        "ts": f"{record.ts:.3f}",
-        "user": record.user,
-        "key": record.key,
-        "alias": record.alias,
-        "backend": record.backend,
-        "prompt_tokens": str(record.prompt_tokens),
-        "completion_tokens": str(record.completion_tokens),
-        "source": record.source,
-        "cache_hit": "1" if record.cache_hit else "0",
-        "error": record.error or "",
-    }
+def usage_write(record: UsageRecord, tag: str, stream_maxlen: int, request_id: str) -> UsageWrite:
+    day = utc_periods(record.ts)[0]
+    event = (
+        ("request_id", request_id),
+        ("ts", f"{record.ts:.3f}"),
+        ("user", record.user),
+        ("key", record.key),
+        ("alias", record.alias),
+        ("backend", record.backend),
+        ("prompt_tokens", str(record.prompt_tokens)),
+        ("completion_tokens", str(record.completion_tokens)),
+        ("source", record.source),
+        ("cache_hit", "1" if record.cache_hit else "0"),
+        ("error", record.error or ""),
+    )
     return UsageWrite(
-        counters_key=counters_key(tag, record.day),
-        increments=increments(record),
-        counters_ttl_ms=counters_ttl_ms,
-        index_key=index_key(record.day),
+        counters_key=f"gw:{tag}:usage:{day}",
+        field_prefix=f"{record.alias}|{record.backend}|",
+        counts=counts(record),
+        index_key=f"gw:usage:users:{day}",
         user=record.user,
         stream_key=STREAM_KEY,
         stream_maxlen=stream_maxlen,

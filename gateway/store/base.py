@@ -13,7 +13,7 @@ gateway processes with skewed clocks still share one window.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -55,13 +55,32 @@ class QuotaScope(msgspec.Struct, frozen=True):
     month_ttl_ms: int = 32 * 86_400_000
 
 
+class LimitSet(msgspec.Struct):
+    """Everything about one principal x alias x UTC day that does not change per request: its
+    rate scopes, its quota (day and month keys of that day) and the settings. The Limiter
+    builds one per principal x alias x day and reuses it, so an engine may cache an encoded
+    form of it in `wire` (engine-private; the Redis engine keeps pre-packed command pieces)."""
+
+    scopes: tuple[RateScope, ...]
+    quota: QuotaScope | None
+    settled_key: str  # sorted set: settled request id -> settle time (ms), kept dedupe_ms
+    slot_ttl_ms: int = 30_000
+    window_ms: int = 60_000
+    dedupe_ms: int = 300_000
+    counters_ttl_ms: int = 400 * 86_400_000
+    wire: Any = None
+
+    @property
+    def reserves(self) -> bool:
+        """Whether admitting reserves quota tokens (a token quota applies)."""
+        q = self.quota
+        return q is not None and (q.tokens_per_day >= 0 or q.tokens_per_month >= 0)
+
+
 class AdmitPlan(msgspec.Struct, frozen=True):
     request_id: str
     est_tokens: int
-    scopes: tuple[RateScope, ...] = ()
-    quota: QuotaScope | None = None
-    slot_ttl_ms: int = 30_000
-    window_ms: int = 60_000
+    limits: LimitSet
 
 
 class Admitted(msgspec.Struct, frozen=True):
@@ -82,34 +101,42 @@ class Refused(msgspec.Struct, frozen=True):
     scope: int
 
 
+COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "reported_tokens", "estimated_tokens",
+            "cache_hits", "errors")
+
+
 class UsageWrite(msgspec.Struct, frozen=True):
-    """Usage counters to add, the day index to join and the event to append."""
+    """Usage counters to add, the day index to join and the event to append.
+
+    The counters are `counts` (in COUNTERS order) added to the fields `field_prefix + counter`
+    (`"<alias>|<backend>|"`) of the hash `counters_key`; zero counts are not written."""
 
     counters_key: str  # hash: "<alias>|<backend>|<counter>" -> int
-    increments: dict[str, int]
-    counters_ttl_ms: int
+    field_prefix: str
+    counts: tuple[int, ...]
     index_key: str  # set of users with usage on that day
     user: str
     stream_key: str
     stream_maxlen: int
-    event: dict[str, str]
+    event: tuple[tuple[str, str], ...]  # field, value
+
+    @property
+    def increments(self) -> dict[str, int]:
+        return {self.field_prefix + c: n for c, n in zip(COUNTERS, self.counts, strict=True) if n}
 
 
 class SettlePlan(msgspec.Struct, frozen=True):
     """Settle one request: tokens and quota to real usage, free its slots, record its usage.
 
     `est_tokens` is what the admission actually took (0 when it was admitted without the
-    store); applying a plan twice is a no-op thanks to `settled_key` (ids kept `dedupe_ms`)."""
+    store); applying a plan twice is a no-op thanks to `limits.settled_key` (ids kept
+    `limits.dedupe_ms`)."""
 
     request_id: str
-    settled_key: str
     est_tokens: int
     actual_tokens: int
     usage: UsageWrite
-    scopes: tuple[RateScope, ...] = ()
-    quota: QuotaScope | None = None
-    window_ms: int = 60_000
-    dedupe_ms: int = 300_000
+    limits: LimitSet
 
 
 class Lease(msgspec.Struct, frozen=True):

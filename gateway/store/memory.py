@@ -81,10 +81,11 @@ class MemoryStore:
         return min(tpm, tokens + (now - ts) * tpm / window)
 
     async def admit(self, plan: AdmitPlan) -> Admitted | Refused:
-        now, est, window = _now_ms(), plan.est_tokens, plan.window_ms
+        lim = plan.limits
+        now, est, window = _now_ms(), plan.est_tokens, lim.window_ms
         req_rem = req_lim = tok_rem = tok_lim = -1
         buckets: dict[int, float] = {}
-        for i, s in enumerate(plan.scopes):
+        for i, s in enumerate(lim.scopes):
             if s.rpm >= 0:
                 log = self._zset(s.rpm_key, now - window)
                 if len(log) >= s.rpm:
@@ -105,7 +106,7 @@ class MemoryStore:
                     tok_rem, tok_lim = left, s.tpm
             if s.concurrency >= 0 and len(self._zset(s.slots_key, now)) >= s.concurrency:
                 return Refused("concurrency", 1000, i)
-        q = plan.quota
+        q = lim.quota
         if q is not None:
             reserved = sum(int(m.rsplit("|", 1)[1]) for m in self._zset(q.reservations_key, now))
             day = self._hashes.get(q.day_key, {})
@@ -116,32 +117,34 @@ class MemoryStore:
             month = self._hashes.get(q.month_key, {})
             if q.tokens_per_month >= 0 and month.get("tokens", 0) + reserved + est > q.tokens_per_month:
                 return Refused("tokens_per_month", 0, -1)
-        for i, s in enumerate(plan.scopes):
+        for i, s in enumerate(lim.scopes):
             if s.rpm >= 0:
                 self._zset(s.rpm_key)[plan.request_id] = now
             if s.tpm >= 0:
                 self._buckets[s.tpm_key] = (buckets[i] - est, now)
             if s.concurrency >= 0:
-                self._zset(s.slots_key)[plan.request_id] = now + plan.slot_ttl_ms
+                self._zset(s.slots_key)[plan.request_id] = now + lim.slot_ttl_ms
         if q is not None:
             day = self._hashes.setdefault(q.day_key, {})
             day["requests"] = day.get("requests", 0) + 1
             if est > 0 and (q.tokens_per_day >= 0 or q.tokens_per_month >= 0):
-                self._zset(q.reservations_key)[f"{plan.request_id}|{est}"] = now + plan.slot_ttl_ms
+                self._zset(q.reservations_key)[f"{plan.request_id}|{est}"] = now + lim.slot_ttl_ms
         return Admitted(req_rem, req_lim, tok_rem, tok_lim)
 
     async def settle(self, plan: SettlePlan) -> bool:
+        lim = plan.limits
         now, est, actual = _now_ms(), plan.est_tokens, plan.actual_tokens
-        done = self._zset(plan.settled_key, now - plan.dedupe_ms)
+        done = self._zset(lim.settled_key, now - lim.dedupe_ms)
         if plan.request_id in done:
             return False
         done[plan.request_id] = now
-        for s in plan.scopes:
+        for s in lim.scopes:
             if s.tpm > 0 and actual != est:
-                tokens = self._bucket(s.tpm_key, s.tpm, now, plan.window_ms)
+                tokens = self._bucket(s.tpm_key, s.tpm, now, lim.window_ms)
                 self._buckets[s.tpm_key] = (min(s.tpm, tokens + est - actual), now)
-            self._zset(s.slots_key).pop(plan.request_id, None)
-        q = plan.quota
+            if s.concurrency >= 0:
+                self._zset(s.slots_key).pop(plan.request_id, None)
+        q = lim.quota
         if q is not None:
             if est > 0:
                 self._zset(q.reservations_key).pop(f"{plan.request_id}|{est}", None)

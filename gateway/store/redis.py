@@ -29,15 +29,17 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from gateway.store.base import (
     AdmitPlan,
     Admitted,
     Lease,
+    LimitSet,
     Refused,
     SettlePlan,
     StoreUnavailable,
+    UsageWrite,
 )
 
 _LUA = Path(__file__).with_name("lua")
@@ -100,6 +102,8 @@ class RedisStore:
         self._settle = _Script("settle")
         self._refresh = _Script("refresh")
         self._release = _Script("release_lock")
+        self._indexed: set[tuple[str, str]] = set()  # (day index, user) pairs written by this process
+        self._xadd_heads: dict[tuple[str, int, int], bytes] = {}
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
         loop = asyncio.get_running_loop()
@@ -182,35 +186,94 @@ class RedisStore:
         await self._call(lambda: self._eval(self._release, [key], [token]))
 
     # -- limits, quotas, usage --
+    async def _roundtrip(self, packed: bytes, replies: int) -> list[Any]:
+        """Send commands packed by this module and read their replies (error replies are
+        returned, not raised): one round trip, without redis-py's per-command packing."""
+        pool = self.pool
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(packed)
+            out: list[Any] = []
+            for _ in range(replies):
+                try:
+                    out.append(await conn.read_response())
+                except ResponseError as exc:  # the reply was read whole: the connection is fine
+                    out.append(exc)
+        except BaseException:
+            await conn.disconnect()  # unread replies (cancelled, timed out): not reusable
+            raise
+        finally:
+            await pool.release(conn)
+        return out
+
+    async def _script(self, script: _Script, packed: bytes) -> Any:
+        """Run a packed EVALSHA alone; load the script first if Redis lost it."""
+        (out,) = await self._roundtrip(packed, 1)
+        if isinstance(out, NoScriptError):
+            await self.client.script_load(script.source)
+            (out,) = await self._roundtrip(packed, 1)
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def _wire(self, limits: LimitSet) -> _Wire:
+        w = limits.wire
+        if w is None or w.store is not self:
+            w = limits.wire = _Wire(self, limits)
+        return w  # type: ignore[no-any-return]
+
     async def admit(self, plan: AdmitPlan) -> Admitted | Refused:
-        keys, args = admit_arguments(plan)
-        out = await self._call(lambda: self._eval(self._admit, keys, args))
+        w = self._wire(plan.limits)
+        packed = b"".join((w.admit_head, _arg(plan.request_id), _int(plan.est_tokens), w.admit_tail))
+        out = await self._call(lambda: self._script(self._admit, packed))
         if out[0] == 1:
-            return Admitted(int(out[1]), int(out[2]), int(out[3]), int(out[4]))
+            return Admitted(out[1], out[2], out[3], out[4])
         limit = out[1].decode() if isinstance(out[1], bytes) else str(out[1])
         return Refused(limit, int(out[2]), int(out[3]))
 
     async def settle(self, plan: SettlePlan) -> bool:
-        keys, args = settle_arguments(plan)
+        w = self._wire(plan.limits)
         u = plan.usage
+        script = b"".join((w.settle_head, _arg(u.counters_key), _arg(plan.request_id), _int(plan.est_tokens),
+                           _int(plan.actual_tokens), _arg(u.field_prefix), *map(_int, u.counts), w.settle_tail))
+        # The event stream is at-least-once: a retried settlement may append twice; every
+        # event carries its request id. The day's user index and the stream are outside the
+        # user's hash slot, so they are plain commands in the same pipeline, not in the script;
+        # the index is written once per process, user and day (and again whenever the script
+        # says it created the user's counters for that day, e.g. after Redis lost its data).
+        event = self._xadd(u)
+        member = (u.index_key, u.user)
+        ttl = plan.limits.counters_ttl_ms
+        index = b"" if member in self._indexed else _index(u, ttl)
+        replies = 4 if index else 2  # the script, XADD (, SADD, EXPIRE)
 
         async def run() -> bool:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.evalsha(self._settle.sha, len(keys), *keys, *args)
-            pipe.sadd(u.index_key, u.user)
-            pipe.expire(u.index_key, max(1, u.counters_ttl_ms // 1000))
-            # The event stream is at-least-once: a retried settlement may append twice;
-            # every event carries its request id.
-            pipe.xadd(u.stream_key, u.event, maxlen=u.stream_maxlen, approximate=True)
-            res = await pipe.execute(raise_on_error=False)
+            res = await self._roundtrip(b"".join((script, event, index)), replies)
             if isinstance(res[0], NoScriptError):
-                res[0] = await self._eval(self._settle, keys, args)
+                await self.client.script_load(self._settle.source)
+                res[0] = (await self._roundtrip(script, 1))[0]
             for r in res:
                 if isinstance(r, Exception):
                     raise r
+            if index:
+                if len(self._indexed) >= 100_000:
+                    self._indexed.clear()
+                self._indexed.add(member)
+            elif res[0] == 2:
+                for r in await self._roundtrip(_index(u, ttl), 2):
+                    if isinstance(r, Exception):
+                        raise r
             return bool(res[0])
 
         return await self._call(run)
+
+    def _xadd(self, u: UsageWrite) -> bytes:
+        head = self._xadd_heads.get((u.stream_key, u.stream_maxlen, len(u.event)))
+        if head is None:
+            head = self._xadd_heads[(u.stream_key, u.stream_maxlen, len(u.event))] = b"".join((
+                b"*%d\r\n" % (6 + 2 * len(u.event)), _arg("XADD"), _arg(u.stream_key), _arg("MAXLEN"),
+                _arg("~"), _int(u.stream_maxlen), _arg("*")))
+        return b"".join((head, *[_arg(x) for pair in u.event for x in pair]))
 
     async def refresh(self, leases: Sequence[Lease], ttl_ms: int) -> None:
         if not leases:
@@ -257,34 +320,57 @@ class RedisStore:
         await self.pool.disconnect()
 
 
-def admit_arguments(plan: AdmitPlan) -> tuple[list[str], list[Any]]:
-    keys: list[str] = []
-    args: list[Any] = [plan.request_id, plan.est_tokens, plan.slot_ttl_ms, plan.window_ms, len(plan.scopes)]
-    for s in plan.scopes:
-        keys += [s.rpm_key, s.tpm_key, s.slots_key]
-        args += [s.rpm, s.tpm, s.concurrency]
-    q = plan.quota
-    if q is not None:
-        keys += [q.day_key, q.month_key, q.reservations_key, q.reserved_key]
-        args += [q.tokens_per_day, q.tokens_per_month, q.requests_per_day, q.day_ttl_ms, q.month_ttl_ms]
-    return keys, args
+def _arg(v: str) -> bytes:
+    b = v.encode()
+    return b"$%d\r\n%b\r\n" % (len(b), b)
 
 
-def settle_arguments(plan: SettlePlan) -> tuple[list[str], list[Any]]:
-    u = plan.usage
-    keys: list[str] = [plan.settled_key, u.counters_key]
-    args: list[Any] = [plan.request_id, plan.est_tokens, plan.actual_tokens, plan.window_ms,
-                       plan.dedupe_ms, u.counters_ttl_ms, len(plan.scopes)]
-    for s in plan.scopes:
-        keys += [s.tpm_key, s.slots_key]
-        args.append(s.tpm)
-    q = plan.quota
-    if q is not None:
-        keys += [q.day_key, q.month_key, q.reservations_key, q.reserved_key]
-        args += [1, q.day_ttl_ms, q.month_ttl_ms]
-    else:
-        args.append(0)
-    args.append(len(u.increments))
-    for field, inc in u.increments.items():
-        args += [field, inc]
-    return keys, args
+def _int(v: int) -> bytes:
+    b = b"%d" % v
+    return b"$%d\r\n%b\r\n" % (len(b), b)
+
+
+def _index(u: UsageWrite, ttl_ms: int) -> bytes:
+    """SADD the user to the day's index and EXPIRE the index: two commands."""
+    return b"".join((b"*3\r\n", _arg("SADD"), _arg(u.index_key), _arg(u.user),
+                     b"*3\r\n", _arg("EXPIRE"), _arg(u.index_key), _int(max(1, ttl_ms // 1000))))
+
+
+class _Wire:
+    """The parts of one LimitSet's admit and settle commands that do not change per request,
+    packed once (RESP): every key, every limit and setting. Only the request id, the token
+    counts and the usage counters are packed per request."""
+
+    __slots__ = ("admit_head", "admit_tail", "settle_head", "settle_tail", "store")
+
+    def __init__(self, store: RedisStore, lim: LimitSet) -> None:
+        self.store = store
+        keys: list[str] = []
+        static: list[int] = [lim.slot_ttl_ms, lim.window_ms, len(lim.scopes)]
+        for s in lim.scopes:
+            keys += [s.rpm_key, s.tpm_key, s.slots_key]
+            static += [s.rpm, s.tpm, s.concurrency]
+        q = lim.quota
+        if q is not None:
+            keys += [q.day_key, q.month_key, q.reservations_key, q.reserved_key]
+            static += [q.tokens_per_day, q.tokens_per_month, q.requests_per_day, q.day_ttl_ms, q.month_ttl_ms]
+        # EVALSHA sha numkeys KEYS... | request id, est | static ARGV...
+        self.admit_head = b"".join((b"*%d\r\n" % (3 + len(keys) + 2 + len(static)), _arg("EVALSHA"),
+                                    _arg(store._admit.sha), _int(len(keys)), *map(_arg, keys)))
+        self.admit_tail = b"".join(map(_int, static))
+
+        keys = [lim.settled_key]
+        static = [lim.window_ms, lim.dedupe_ms, lim.counters_ttl_ms, len(lim.scopes)]
+        for s in lim.scopes:
+            keys += [s.tpm_key, s.slots_key]
+            static += [s.tpm, s.concurrency]
+        if q is not None:
+            keys += [q.day_key, q.month_key, q.reservations_key, q.reserved_key]
+            static += [1, q.day_ttl_ms, q.month_ttl_ms]
+        else:
+            static.append(0)
+        # EVALSHA sha numkeys KEYS... counters key | rid, est, actual, prefix, 7 counts | static ARGV...
+        self.settle_head = b"".join((
+            b"*%d\r\n" % (3 + len(keys) + 1 + 4 + 7 + len(static)), _arg("EVALSHA"),
+            _arg(store._settle.sha), _int(len(keys) + 1), *map(_arg, keys)))
+        self.settle_tail = b"".join(map(_int, static))
