@@ -18,9 +18,11 @@ connection or the hard cap fails a call (a cold start's burst of handshakes is s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import secrets
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -72,6 +74,50 @@ def _listening(base: type[aioredis.Connection], heard: _Heard) -> type[aioredis.
     return ListeningConnection
 
 
+class _Lane:
+    """A small pool that waits (never raises) when all its connections are busy; a connection
+    that failed is disconnected by its user and reconnects on its next command."""
+
+    def __init__(self, make: Callable[[], aioredis.Connection], size: int) -> None:
+        self._make = make
+        self._size = size
+        self._all: list[aioredis.Connection] = []
+        self._idle: list[aioredis.Connection] = []
+        self._waiters: deque[asyncio.Future[aioredis.Connection]] = deque()
+
+    async def acquire(self) -> aioredis.Connection:
+        if self._idle:
+            return self._idle.pop()
+        if len(self._all) < self._size:
+            conn = self._make()
+            self._all.append(conn)
+            return conn
+        fut: asyncio.Future[aioredis.Connection] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release(fut.result())  # handed over just as we gave up
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+            raise
+
+    def release(self, conn: aioredis.Connection) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(conn)
+                return
+        self._idle.append(conn)
+
+    async def aclose(self) -> None:
+        for conn in self._all:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+
+
 def _consume(task: asyncio.Future[Any]) -> None:
     """Retrieve an abandoned call's outcome, so that it is not reported as never retrieved."""
     if not task.cancelled():
@@ -98,6 +144,10 @@ class RedisStore:
             **options,
         )
         self.client = aioredis.Redis(connection_pool=self.pool)
+        # admit and settle (every request) use a lane of their own: the same connections minus
+        # redis-py's pool and per-read timeout bookkeeping (the watchdog in _call bounds them)
+        lane_kwargs = {**self.pool.connection_kwargs, "socket_timeout": None}
+        self._lane = _Lane(lambda: self.pool.connection_class(**lane_kwargs), max_connections)
         self._admit = _Script("admit")
         self._settle = _Script("settle")
         self._refresh = _Script("refresh")
@@ -189,8 +239,8 @@ class RedisStore:
     async def _roundtrip(self, packed: bytes, replies: int) -> list[Any]:
         """Send commands packed by this module and read their replies (error replies are
         returned, not raised): one round trip, without redis-py's per-command packing."""
-        pool = self.pool
-        conn = await pool.get_connection()
+        lane = self._lane
+        conn = await lane.acquire()
         try:
             await conn.send_packed_command(packed)
             out: list[Any] = []
@@ -203,7 +253,7 @@ class RedisStore:
             await conn.disconnect()  # unread replies (cancelled, timed out): not reusable
             raise
         finally:
-            await pool.release(conn)
+            lane.release(conn)
         return out
 
     async def _script(self, script: _Script, packed: bytes) -> Any:
@@ -316,6 +366,7 @@ class RedisStore:
         return [(i.decode(), {k.decode(): v.decode() for k, v in f.items()}) for i, f in rows]
 
     async def aclose(self) -> None:
+        await self._lane.aclose()
         await self.client.aclose()
         await self.pool.disconnect()
 
