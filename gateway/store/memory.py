@@ -67,10 +67,16 @@ class MemoryStore:
 
     # -- limits, quotas, usage (the semantics of admit.lua / settle.lua / refresh.lua) --
     def _zset(self, key: str, drop_upto: float | None = None) -> dict[str, float]:
+        """A sorted set as a dict kept in score order: every member is appended with a score
+        no lower than those already there (now, or now + a fixed ttl; a refresh moves the
+        member to the end), so dropping the expired ones only looks at the front."""
         z = self._zsets.setdefault(key, {})
         if drop_upto is not None:
-            for m in [m for m, s in z.items() if s <= drop_upto]:
-                del z[m]
+            while z:
+                first = next(iter(z))
+                if z[first] > drop_upto:
+                    break
+                del z[first]
         return z
 
     def _bucket(self, key: str, tpm: int, now: int, window: int) -> float:
@@ -168,6 +174,7 @@ class MemoryStore:
             for key, member in zip(lease.keys, lease.members, strict=True):
                 z = self._zsets.get(key)
                 if member and z is not None and member in z:
+                    del z[member]  # to the end: the set stays in score order
                     z[member] = expiry
 
     async def set_members(self, keys: Sequence[str]) -> list[set[str]]:
