@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -51,10 +53,30 @@ def bearer(scope: Scope) -> str | None:
     return None
 
 
+class IdMaker:
+    """Unique ids without a syscall each: a random per-process prefix and a counter."""
+
+    __slots__ = ("_count", "_prefix")
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # a forked worker gets its own prefix
+
+    def _reset(self) -> None:
+        self._prefix = secrets.token_hex(6)
+        self._count = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._count):012x}"
+
+
+new_id = IdMaker()
+
+
 def request_ids(scope: Scope) -> tuple[str, str]:
     """(internal id, id to echo in `x-request-id`). The internal id is always the gateway's
     own: limits and usage are idempotent by it, so a client must not be able to choose it."""
-    internal = "req-" + secrets.token_hex(12)
+    internal = "req-" + new_id()
     echo = header(scope, b"x-request-id")
     if echo and len(echo) <= 128 and echo.isprintable():
         return internal, echo

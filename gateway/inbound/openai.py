@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -47,6 +46,7 @@ from gateway.asgi import (
     bearer,
     encode_headers,
     header,
+    new_id,
     read_body,
     request_ids,
     send_response,
@@ -271,5 +271,5 @@ class OpenAIDoor:
 
 
 def completion_id(chat: bool) -> str:
-    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    return ("chatcmpl-" if chat else "cmpl-") + new_id()
 
