@@ -92,7 +92,7 @@ r = client.chat.completions.create(model="llama-3-8b", messages=[{{"role": "user
 print(r.choices[0].message.content, r.usage)
 for chunk in client.chat.completions.create(model="llama-3-8b", stream=True,
         messages=[{{"role": "user", "content": "Stream to me"}}]):
-    print(chunk.choices[0].delta.content if chunk.choices else "", end="", flush=True)
+    print((chunk.choices[0].delta.content or "") if chunk.choices else "", end="", flush=True)
 print()
 EOF
 
