@@ -236,3 +236,24 @@ def test_health_and_readiness_need_no_key(gateway: str) -> None:
     assert httpx.get(gateway + "/healthz").json() == {"status": "ok"}
     ready = httpx.get(gateway + "/readyz")
     assert ready.status_code == 200 and ready.json()["store_ok"] is True
+
+
+def test_an_unexpected_error_in_a_chat_route_is_an_openai_500_without_a_traceback() -> None:
+    from gateway.app import create_app
+    from gateway.config import parse_config
+
+    app = create_app(parse_config(f"""
+backends: {{v: {{kind: openai, base_url: "http://127.0.0.1:9/v1", model: m}}}}
+models: {{m: {{targets: [{{backend: v}}]}}}}
+keys: [{{name: a, key: {KEY}, user: a}}]
+""", env={}))
+
+    async def broken(scope: object, receive: object, send: object) -> None:
+        raise RuntimeError("secret internals")
+
+    app.hot_routes["/v1/chat/completions"] = broken  # a fault injected where a bug would be
+    with LoopbackServer(app) as server:
+        r = httpx.post(server.url + "/v1/chat/completions", json={})
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "server_error"
+    assert "secret internals" not in r.text and "Traceback" not in r.text
