@@ -130,3 +130,18 @@ def write_config(tmp_dir: Path, text: str, name: str = "gateway.yaml") -> Path:
     path = Path(tmp_dir) / name
     path.write_text(text)
     return path
+
+
+class EmulatedUpstream:
+    """An OpenAI-compatible emulator on loopback with its fault-injection control."""
+
+    def __init__(self) -> None:
+        from adapters.loopback import LoopbackServer
+        from adapters.openai.emulator import EmulatorControl, create_emulator
+
+        self.ctl = EmulatorControl()
+        self.server = LoopbackServer(create_emulator(self.ctl)).start()
+
+    @property
+    def base(self) -> str:
+        return self.server.url + "/v1"

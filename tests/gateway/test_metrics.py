@@ -12,40 +12,28 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from adapters.loopback import LoopbackServer
-from adapters.openai.emulator import EmulatorControl, create_emulator
-from tests.support import RedisServer, free_port, start_gateway
+from tests.support import EmulatedUpstream, RedisServer, free_port, start_gateway
 
 KEY = "sk-metrics"
 AUTH = {"authorization": f"Bearer {KEY}"}
 BAIDU_CHAT = "/rpc/2.0/ai_custom/v1/wenxinworkshop/chat/"
 
 
-class Upstream:
-    def __init__(self) -> None:
-        self.ctl = EmulatorControl()
-        self.server = LoopbackServer(create_emulator(self.ctl)).start()
-
-    @property
-    def base(self) -> str:
-        return self.server.url + "/v1"
-
-
 @pytest.fixture(scope="module")
-def upstreams() -> Iterator[tuple[Upstream, Upstream]]:
-    good, flaky = Upstream(), Upstream()
+def upstreams() -> Iterator[tuple[EmulatedUpstream, EmulatedUpstream]]:
+    good, flaky = EmulatedUpstream(), EmulatedUpstream()
     yield good, flaky
     good.server.stop()
     flaky.server.stop()
 
 
 @pytest.fixture(autouse=True)
-def _reset(upstreams: tuple[Upstream, Upstream]) -> None:
+def _reset(upstreams: tuple[EmulatedUpstream, EmulatedUpstream]) -> None:
     for u in upstreams:
         u.ctl.reset()
 
 
-def config_text(good: Upstream, flaky: Upstream, store: str = "memory://") -> str:
+def config_text(good: EmulatedUpstream, flaky: EmulatedUpstream, store: str = "memory://") -> str:
     dead = free_port()  # nothing listens here
     return f"""
 store: {{url: "{store}", timeout_ms: 300}}
@@ -66,7 +54,7 @@ keys:
 
 
 @pytest.fixture(scope="module")
-def gateway(upstreams: tuple[Upstream, Upstream]) -> Iterator[str]:
+def gateway(upstreams: tuple[EmulatedUpstream, EmulatedUpstream]) -> Iterator[str]:
     with start_gateway(config_text(*upstreams)) as url:
         yield url
 
@@ -124,7 +112,7 @@ def test_an_unknown_model_is_counted_without_its_name_as_a_label(gateway: str) -
         value(before, "gateway_requests_total", door="openai", alias="unknown", status="404") + 1
 
 
-def test_a_backend_in_cooldown_shows_up(gateway: str, upstreams: tuple[Upstream, Upstream]) -> None:
+def test_a_backend_in_cooldown_shows_up(gateway: str, upstreams: tuple[EmulatedUpstream, EmulatedUpstream]) -> None:
     assert value(scrape(gateway), "gateway_backend_cooldown", backend="flaky") == 0
     upstreams[1].ctl.fail_status = 503
     for _ in range(2):
@@ -135,7 +123,7 @@ def test_a_backend_in_cooldown_shows_up(gateway: str, upstreams: tuple[Upstream,
     assert ("gateway_backend_cooldown", frozenset({("backend", "vllm")})) in samples
 
 
-def test_calls_in_flight_show_per_backend(gateway: str, upstreams: tuple[Upstream, Upstream]) -> None:
+def test_calls_in_flight_show_per_backend(gateway: str, upstreams: tuple[EmulatedUpstream, EmulatedUpstream]) -> None:
     upstreams[0].ctl.latency = 1.0
     worker = threading.Thread(target=chat, args=(gateway, "echo"))
     worker.start()
@@ -150,7 +138,8 @@ def test_calls_in_flight_show_per_backend(gateway: str, upstreams: tuple[Upstrea
     assert value(scrape(gateway), "gateway_backend_in_flight", backend="vllm") == 0
 
 
-def test_the_baidu_door_honours_cache_control_no_store(gateway: str, upstreams: tuple[Upstream, Upstream]) -> None:
+def test_the_baidu_door_honours_cache_control_no_store(
+        gateway: str, upstreams: tuple[EmulatedUpstream, EmulatedUpstream]) -> None:
     before = scrape(gateway)
     for _ in range(2):
         r = baidu(gateway, "cached", "cache me not", {"cache-control": "no-store"})
@@ -169,7 +158,7 @@ def test_the_baidu_door_honours_cache_control_no_store(gateway: str, upstreams: 
 
 
 @pytest.fixture
-def fragile(upstreams: tuple[Upstream, Upstream]) -> Iterator[tuple[str, RedisServer]]:
+def fragile(upstreams: tuple[EmulatedUpstream, EmulatedUpstream]) -> Iterator[tuple[str, RedisServer]]:
     """A gateway on a private redis-server that the test stops."""
     server = RedisServer().start()
     try:

@@ -15,40 +15,28 @@ import httpx
 import openai
 import pytest
 
-from adapters.loopback import LoopbackServer
-from adapters.openai.emulator import EmulatorControl, create_emulator
-from tests.support import ROOT, RedisServer, free_port, gateway_process, start_gateway, wait_for
+from tests.support import ROOT, EmulatedUpstream, RedisServer, free_port, gateway_process, start_gateway, wait_for
 
 KEY = "sk-route"
 AUTH = {"authorization": f"Bearer {KEY}"}
 HELLO = {"messages": [{"role": "user", "content": "hello"}]}
 
 
-class Upstream:
-    def __init__(self) -> None:
-        self.ctl = EmulatorControl()
-        self.server = LoopbackServer(create_emulator(self.ctl)).start()
-
-    @property
-    def base(self) -> str:
-        return self.server.url + "/v1"
-
-
 @pytest.fixture(scope="module")
-def upstreams() -> Iterator[tuple[Upstream, Upstream]]:
-    a, b = Upstream(), Upstream()
+def upstreams() -> Iterator[tuple[EmulatedUpstream, EmulatedUpstream]]:
+    a, b = EmulatedUpstream(), EmulatedUpstream()
     yield a, b
     a.server.stop()
     b.server.stop()
 
 
 @pytest.fixture(autouse=True)
-def _reset(upstreams: tuple[Upstream, Upstream]) -> None:
+def _reset(upstreams: tuple[EmulatedUpstream, EmulatedUpstream]) -> None:
     for u in upstreams:
         u.ctl.reset()
 
 
-def routing_config(a: Upstream, b: Upstream, weights: tuple[int, int] = (3, 1),
+def routing_config(a: EmulatedUpstream, b: EmulatedUpstream, weights: tuple[int, int] = (3, 1),
                    store: str = "memory://", cooldown: str = "") -> str:
     return f"""
 store: {{url: "{store}"}}
@@ -70,7 +58,7 @@ admin: {{key: sk-admin}}
 
 
 @pytest.fixture(scope="module")
-def gateway(upstreams: tuple[Upstream, Upstream]) -> Iterator[str]:
+def gateway(upstreams: tuple[EmulatedUpstream, EmulatedUpstream]) -> Iterator[str]:
     with start_gateway(routing_config(*upstreams)) as url:
         yield url
 
@@ -81,7 +69,7 @@ def chat(url: str, model: str, **extra: object) -> httpx.Response:
 
 
 def test_a_failing_primary_falls_back_and_the_client_sees_200(
-        gateway: str, upstreams: tuple[Upstream, Upstream]) -> None:
+        gateway: str, upstreams: tuple[EmulatedUpstream, EmulatedUpstream]) -> None:
     upstreams[0].ctl.fail_status = 500
     r = httpx.post(gateway + "/v1/chat/completions", json={"model": "main", **HELLO},
                    headers={**AUTH, "x-gateway-explain": "1"})
@@ -96,7 +84,7 @@ def test_a_failing_primary_falls_back_and_the_client_sees_200(
 
 
 def test_429_with_retry_after_is_retried_after_that_delay(
-        gateway: str, upstreams: tuple[Upstream, Upstream]) -> None:
+        gateway: str, upstreams: tuple[EmulatedUpstream, EmulatedUpstream]) -> None:
     ctl = upstreams[0].ctl
     ctl.fail_status, ctl.fail_times, ctl.retry_after = 429, 1, "1"
     start = time.monotonic()
@@ -108,7 +96,7 @@ def test_429_with_retry_after_is_retried_after_that_delay(
     assert len(ctl.requests) == 2
 
 
-def test_a_client_error_is_never_retried(gateway: str, upstreams: tuple[Upstream, Upstream]) -> None:
+def test_a_client_error_is_never_retried(gateway: str, upstreams: tuple[EmulatedUpstream, EmulatedUpstream]) -> None:
     upstreams[0].ctl.fail_status = 400
     for model in ("patient", "main"):
         r = chat(gateway, model)
@@ -119,7 +107,7 @@ def test_a_client_error_is_never_retried(gateway: str, upstreams: tuple[Upstream
 
 
 def test_weighted_3_to_1_lands_within_3_points_of_75_25(
-        gateway: str, upstreams: tuple[Upstream, Upstream]) -> None:
+        gateway: str, upstreams: tuple[EmulatedUpstream, EmulatedUpstream]) -> None:
     n = 2000
     with httpx.Client(headers=AUTH) as http:
         for _ in range(n):
@@ -129,7 +117,7 @@ def test_weighted_3_to_1_lands_within_3_points_of_75_25(
 
 
 def test_a_backend_stalling_before_the_first_byte_moves_on_within_the_ttfb_timeout(
-        gateway: str, upstreams: tuple[Upstream, Upstream]) -> None:
+        gateway: str, upstreams: tuple[EmulatedUpstream, EmulatedUpstream]) -> None:
     upstreams[0].ctl.latency = 3.0
     start = time.monotonic()
     c = openai.OpenAI(base_url=gateway + "/v1", api_key=KEY, max_retries=0)
@@ -140,7 +128,7 @@ def test_a_backend_stalling_before_the_first_byte_moves_on_within_the_ttfb_timeo
 
 
 def test_a_stream_stalling_mid_way_ends_with_an_error_event_within_the_idle_timeout(
-        gateway: str, upstreams: tuple[Upstream, Upstream]) -> None:
+        gateway: str, upstreams: tuple[EmulatedUpstream, EmulatedUpstream]) -> None:
     upstreams[0].ctl.chunk_delay = 3.0
     c = openai.OpenAI(base_url=gateway + "/v1", api_key=KEY, max_retries=0)
     start = time.monotonic()
@@ -154,7 +142,7 @@ def test_a_stream_stalling_mid_way_ends_with_an_error_event_within_the_idle_time
 
 
 def test_reload_changes_weights_and_refuses_a_broken_file(
-        tmp_path: Path, upstreams: tuple[Upstream, Upstream]) -> None:
+        tmp_path: Path, upstreams: tuple[EmulatedUpstream, EmulatedUpstream]) -> None:
     a, b = upstreams
     path = tmp_path / "gw.yaml"
     path.write_text(routing_config(a, b, weights=(1, 0)))
@@ -175,7 +163,7 @@ def test_reload_changes_weights_and_refuses_a_broken_file(
 
 
 def test_sighup_reloads_every_worker_without_failing_in_flight_requests(
-        tmp_path: Path, upstreams: tuple[Upstream, Upstream]) -> None:
+        tmp_path: Path, upstreams: tuple[EmulatedUpstream, EmulatedUpstream]) -> None:
     a, b = upstreams
     path = tmp_path / "gw.yaml"
     path.write_text(routing_config(a, b, weights=(1, 0)))
@@ -222,7 +210,7 @@ def test_sighup_reloads_every_worker_without_failing_in_flight_requests(
 
 
 def test_cooldown_is_shared_by_two_gateway_processes_then_probed_again(
-        tmp_path: Path, upstreams: tuple[Upstream, Upstream], redis_server: RedisServer) -> None:
+        tmp_path: Path, upstreams: tuple[EmulatedUpstream, EmulatedUpstream], redis_server: RedisServer) -> None:
     a, b = upstreams
     path = tmp_path / "gw.yaml"
     path.write_text(routing_config(a, b, store=redis_server.url,
