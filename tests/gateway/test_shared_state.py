@@ -145,19 +145,18 @@ def test_concurrency_3_holds_across_gateways_and_client_disconnects(
     ctl = emulator[1]
     ctl.chunk_delay = 0.1
 
-    async def go() -> list[int]:
+    async def go() -> list[list[int]]:
         async with httpx.AsyncClient(timeout=30) as client:
-            codes: list[int] = []
-            for wave in range(3):
-                codes += await asyncio.gather(*(
-                    _stream(client, gateways[i % 2], "sk-conc", disconnect_after=2 if wave == 1 else None)
-                    for i in range(10)))
-            return codes
+            return [list(await asyncio.gather(*(
+                _stream(client, gateways[i % 2], "sk-conc", disconnect_after=2 if wave == 1 else None)
+                for i in range(10)))) for wave in range(3)]
 
-    codes = asyncio.run(go())
+    full, cut, again = asyncio.run(go())
     assert ctl.max_active <= 3
-    assert codes.count(429) >= 15  # ten at a time against three slots, three times
-    assert codes.count(200) >= 3 and codes.count(-1) >= 1
+    # ten at a time against three slots; the full streams last ~1 s, so most of each wave
+    # arrives while three are running (the cut wave frees its slots at once, so it may admit more)
+    assert full.count(429) + again.count(429) >= 10
+    assert full.count(200) >= 3 and cut.count(-1) >= 1 and again.count(200) >= 3
     # every slot came back: disconnected streams included
     ctl.chunk_delay = 0.0
     later = asyncio.run(post_all([(gateways[i % 2], auth("sk-conc"), chat("hi")) for i in range(3)]))
