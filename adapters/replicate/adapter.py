@@ -51,6 +51,7 @@ from adapters.types import (
 log = logging.getLogger("adapters.replicate")
 _encode = msgspec.json.Encoder().encode
 _FIRST_POLL, _MAX_POLL, _MAX_POLL_FAILURES = 0.1, 2.0, 3
+_CUT_GRACE = 1.0  # seconds a cut stream's prediction gets to reach a terminal status
 _CANCEL_TIMEOUT = 5.0
 _STREAM_HEADERS = {"accept": "text/event-stream", "cache-control": "no-store"}
 
@@ -304,9 +305,19 @@ class ReplicateAdapter:
             reader.close()
 
     async def _rest_after_cut(self, run: PredictionRun, received: str) -> str:
-        """The stream was cut: if the prediction succeeded anyway, the output not yet seen."""
+        """The stream was cut: if the prediction succeeded anyway, the output not yet seen.
+
+        A prediction that is still running gets a short grace to finish (a cut just before
+        `done` is common: the output is complete, the status not yet); one still running after
+        it is a protocol error, and the caller cancels it."""
         pred = await self._get(run)
         run.saw(pred)
+        grace, delay = time.monotonic() + _CUT_GRACE, _FIRST_POLL
+        while not pred.terminal and time.monotonic() < grace:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+            pred = await self._get(run)
+            run.saw(pred)
         if pred.status == "succeeded":
             full = pred.text()
             return full[len(received):] if full.startswith(received) else ""
