@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 
@@ -30,6 +30,8 @@ from gateway.cooldown import Cooldowns
 
 if TYPE_CHECKING:
     from gateway.pipeline import CallMeta
+
+T = TypeVar("T")
 
 _LATENCY_DECAY = 0.2  # weight of the newest time-to-first-token sample
 
@@ -134,7 +136,9 @@ class Router:
         if exc.retryable:
             await self.cooldowns.failed(backend)
 
-    async def complete(self, req: ChatRequest, meta: CallMeta) -> ChatResult:
+    async def _first_answer(self, req: ChatRequest, meta: CallMeta,
+                            attempt: Callable[[str, ChatRequest], Awaitable[T]]) -> T:
+        """Candidates in order, each retried as the alias says, until one `attempt` answers."""
         route = self.config.models[req.model]
         last: UpstreamError | None = None
         for backend in self._candidates(req, meta):
@@ -144,62 +148,53 @@ class Router:
                     break
                 meta.attempts += 1
                 meta.backend = backend
-                stats = self.stats[backend]
-                stats.in_flight += 1
-                started = time.monotonic()
                 try:
-                    total = self._timeouts[backend].total
-                    async with asyncio.timeout(total):
-                        result = await self.adapters[backend].complete(breq)
-                except TimeoutError:
-                    last = UpstreamTimeout(f"backend {backend} took longer than its total timeout")
-                    await self._failed(backend, last, meta)
-                    continue
+                    answer = await attempt(backend, breq)
                 except UpstreamError as exc:
                     await self._failed(backend, exc, meta)
                     if not exc.retryable:
                         raise
                     last = exc
                     continue
-                finally:
-                    stats.in_flight -= 1
-                stats.observe_ttft(time.monotonic() - started)
                 meta.decisions.append({"backend": backend, "answered": True})
-                return result
+                return answer
         raise last or UpstreamUnavailable(f"no backend available for {req.model}")
+
+    async def complete(self, req: ChatRequest, meta: CallMeta) -> ChatResult:
+        async def attempt(backend: str, breq: ChatRequest) -> ChatResult:
+            stats = self.stats[backend]
+            stats.in_flight += 1
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(self._timeouts[backend].total):
+                    result = await self.adapters[backend].complete(breq)
+            except TimeoutError:
+                raise UpstreamTimeout(f"backend {backend} took longer than its total timeout") from None
+            finally:
+                stats.in_flight -= 1
+            stats.observe_ttft(time.monotonic() - started)
+            return result
+
+        return await self._first_answer(req, meta, attempt)
 
     async def open_stream(self, req: ChatRequest,
                           meta: CallMeta) -> tuple[ChatChunk | None, AsyncIterator[ChatChunk]]:
         """Start a stream and wait for its first chunk, moving on until a backend produces it."""
-        route = self.config.models[req.model]
-        last: UpstreamError | None = None
-        for backend in self._candidates(req, meta):
-            breq = self._backend_request(req, backend)
-            for retry in range(route.retries.attempts + 1):
-                if retry and last is not None and not await self._backoff(route, retry, last):
-                    break
-                meta.attempts += 1
-                meta.backend = backend
-                t = self._timeouts[backend]
-                deadline = time.monotonic() + t.total if t.total else None
-                stream = self.adapters[backend].stream(breq)
-                started = time.monotonic()
-                try:
-                    first = await _next(stream, _budget(t.first_byte, deadline), backend, "first byte")
-                except UpstreamError as exc:
-                    await stream.aclose()  # type: ignore[attr-defined]
-                    await self._failed(backend, exc, meta)
-                    if not exc.retryable:
-                        raise
-                    last = exc
-                    continue
-                except BaseException:
-                    await stream.aclose()  # type: ignore[attr-defined]
-                    raise
-                self.stats[backend].observe_ttft(time.monotonic() - started)
-                meta.decisions.append({"backend": backend, "answered": True})
-                return first, self._guard(stream, backend, t, deadline)
-        raise last or UpstreamUnavailable(f"no backend available for {req.model}")
+
+        async def attempt(backend: str, breq: ChatRequest) -> tuple[ChatChunk | None, AsyncIterator[ChatChunk]]:
+            t = self._timeouts[backend]
+            deadline = time.monotonic() + t.total if t.total else None
+            stream = self.adapters[backend].stream(breq)
+            started = time.monotonic()
+            try:
+                first = await _next(stream, _budget(t.first_byte, deadline), backend, "first byte")
+            except BaseException:
+                await stream.aclose()  # type: ignore[attr-defined]
+                raise
+            self.stats[backend].observe_ttft(time.monotonic() - started)
+            return first, self._guard(stream, backend, t, deadline)
+
+        return await self._first_answer(req, meta, attempt)
 
     async def _guard(self, stream: AsyncIterator[ChatChunk], backend: str, t: Timeouts,
                      deadline: float | None) -> AsyncIterator[ChatChunk]:
