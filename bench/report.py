@@ -131,7 +131,7 @@ def memory_table(memory: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def targets_table(summary: list[dict[str, Any]], memory: dict[str, dict[str, Any]], ours: str,
-                  litellm: str | None) -> list[str]:
+                  litellm: str | None, portkey: str | None = None) -> list[str]:
     by = {(r["scenario"], r["target"]): r for r in summary}
     lines = ["| target (issue 8) | measured | met? |", "|---|---:|---|"]
 
@@ -145,13 +145,14 @@ def targets_table(summary: list[dict[str, Any]], memory: dict[str, dict[str, Any
             v = (by.get((sc, ours)) or {}).get(key)
         lines.append(f"| {label} | {fmt(v)} | {verdict(v, bound)} |")
     ours_rps = (by.get(("nonstream-c32", ours)) or {}).get("rps")
-    lite = (by.get(("nonstream-c32", litellm)) or {}).get("rps") if litellm else None
-    if ours_rps and lite:
-        ratio = ours_rps / lite
-        lines.append(f"| req/s at c=32 ≥ 20x LiteLLM's (same run) | {ratio:.1f}x | "
-                     f"{'yes' if ratio >= 20 else '**no**'} |")
-    else:
-        lines.append("| req/s at c=32 ≥ 20x LiteLLM's (same run) | LiteLLM not in this run | - |")
-    lines.append("| req/s at c=32 ≥ 2.5x Portkey's | Portkey not run here (see ../shared/bench: "
-                 "~690 req/s there) | - |")
+    for other, label, floor, absent in (
+            (litellm, "LiteLLM", 20, "LiteLLM not in this run"),
+            (portkey, "Portkey", 2.5, "Portkey not in this run (`--portkey`; ../shared/bench: ~690 req/s)")):
+        rps = (by.get(("nonstream-c32", other)) or {}).get("rps") if other else None
+        if ours_rps and rps:
+            ratio = ours_rps / rps
+            lines.append(f"| req/s at c=32 ≥ {floor:g}x {label}'s (same run) | {ratio:.1f}x "
+                         f"({fmt(ours_rps)} / {fmt(rps)}) | {'yes' if ratio >= floor else '**no**'} |")
+        else:
+            lines.append(f"| req/s at c=32 ≥ {floor:g}x {label}'s (same run) | {absent} | - |")
     return lines

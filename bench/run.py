@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Benchmark llm-gateway against calling the upstream directly, in the same run.
 
-    python bench/run.py [--quick] [--litellm]
+    python bench/run.py [--quick] [--litellm] [--portkey]
 
 Starts the fast mock upstream (mock_upstream.py), a private redis-server, the gateway
 (run_gateway.sh: 1 worker, Redis store, a key with limits and a quota, usage accounting on,
-cache off) and, with --litellm, LiteLLM proxy (installed on first use into
-bench/.venvs/litellm). Then runs loadgen.py for every scenario x target x repeat, the
+cache off), with --litellm LiteLLM proxy (installed on first use into bench/.venvs/litellm)
+and with --portkey the open-source Portkey gateway (npm-installed on first use into
+bench/.venvs/portkey). Then runs loadgen.py for every scenario x target x repeat, the
 targets interleaved so that drift hits them alike, and measures per run: req/s, latency and
 TTFB percentiles, the target server's CPU per request and peak RSS, Redis commands and round
 trips per request (INFO deltas), and the harness's own load (loadgen and mock CPU).
@@ -52,6 +53,13 @@ from procs import Sampler, Server, cpu_s, free_port, parse_cpus, port_in_use, rs
 LITELLM_VERSION = "1.106.2"
 LITELLM_PACKAGES = [f"litellm[proxy]=={LITELLM_VERSION}", "opentelemetry-sdk==1.45.2", "prisma==0.15.0",
                     "httptools"]
+PORTKEY_VERSION = "1.15.2"
+# The dependency versions from Portkey's own package-lock.json (tag v1.15.2): without them npm
+# resolves @hono/node-server to 1.19.x and every stream fails (../shared/bench pitfall 11).
+PORTKEY_PINS = {"@hono/node-server": "1.13.5", "@hono/node-ws": "1.2.0", "hono": "4.9.7"}
+PORTKEY_PACKAGES = [f"@portkey-ai/gateway@{PORTKEY_VERSION}", *(f"{k}@{v}" for k, v in PORTKEY_PINS.items())]
+# Portkey routes per request (no server-side model list); $UPSTREAM_BASE is the mock's /v1 base.
+PORTKEY_HEADERS = ["x-portkey-provider: openai", "x-portkey-custom-host: $UPSTREAM_BASE"]
 BAIDU_PATH = "/rpc/2.0/ai_custom/v1/wenxinworkshop/chat/mock_gpt"
 BEGIN, END = "<!-- bench:begin (written by bench/run.py) -->", "<!-- bench:end -->"
 DEFAULT_SCENARIOS = "nonstream-c1,nonstream-c32,stream-c16,baidu-c32"
@@ -220,6 +228,54 @@ def ensure_litellm(args: argparse.Namespace) -> Path:
     return exe
 
 
+# ---------- portkey ----------
+
+def check_portkey_tree(folder: Path) -> str | None:
+    """None when `npm ls @hono/node-server hono` shows one copy of each, the pinned version, at the
+    top of node_modules; else what is wrong (a nested or other copy brings pitfall 11 back)."""
+    checked = sorted({"@hono/node-server", "hono"})
+    r = subprocess.run(["npm", "ls", "--parseable", "--long", *checked], cwd=folder, capture_output=True, text=True)
+    copies = []  # (name, version, physical path): one line per copy on disk, deduped ones not repeated
+    for line in r.stdout.splitlines():
+        path, _, spec = line.partition(":")
+        name, _, version = spec.split(":", 1)[0].rpartition("@")
+        if name in checked:
+            copies.append((name, version, Path(path)))
+    problems = [f"{n}@{v} at {p}" for n, v, p in copies
+                if v != PORTKEY_PINS[n] or p != folder / "node_modules" / n]
+    problems += [f"{n} missing" for n in checked if n not in {c[0] for c in copies}]
+    if r.returncode != 0 or problems:
+        return ("; ".join(problems) or f"`npm ls` failed: {(r.stderr or r.stdout)[-500:]}") + (
+            " (streaming breaks unless the only copies are "
+            + ", ".join(f"{n}@{PORTKEY_PINS[n]}" for n in checked) + " at the top of node_modules)")
+    return None
+
+
+def ensure_portkey(args: argparse.Namespace) -> Path:
+    folder = HERE / ".venvs" / "portkey"
+    entry = folder / "node_modules" / "@portkey-ai" / "gateway" / "build" / "start-server.js"
+    marker = folder / ".bench-installed"
+    if entry.exists() and marker.exists() and marker.read_text().strip() == " ".join(PORTKEY_PACKAGES):
+        return folder
+    if not shutil.which("node") or not shutil.which("npm"):
+        sys.exit("--portkey needs node (20) and npm on PATH")
+    print(f"installing Portkey gateway {PORTKEY_VERSION} into {folder} (npm, once) ...", flush=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    log = args.out / "portkey-install.log"
+    with open(log, "wb") as f:
+        r = subprocess.run(["npm", "install", "--no-audit", "--no-fund", *PORTKEY_PACKAGES], cwd=folder,
+                           stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode != 0 or not entry.exists():
+        sys.exit(f"Portkey install failed; see {log}")
+    problem = check_portkey_tree(folder)
+    if problem:
+        sys.exit(f"Portkey install in {folder} is not the pinned tree: {problem}; "
+                 f"delete {folder} and retry (install log: {log})")
+    marker.write_text(" ".join(PORTKEY_PACKAGES) + "\n")
+    return folder
+
+
 # ---------- one measured run ----------
 
 def run_loadgen(args: argparse.Namespace, t: Target, sc: dict[str, Any], mock: Server) -> dict[str, Any]:
@@ -298,7 +354,8 @@ def results_markdown(args: argparse.Namespace, summary: list[dict[str, Any]], me
              "### Results (medians over repeats; added = target - direct in the same scenario)", "",
              *report.headline(summary), "",
              "### Against issue 8's targets", "",
-             *report.targets_table(summary, memory, ours, "litellm" if "litellm" in meta["targets"] else None),
+             *report.targets_table(summary, memory, ours, "litellm" if "litellm" in meta["targets"] else None,
+                                   "portkey" if "portkey" in meta["targets"] else None),
              "", "### Memory", "", *report.memory_table(memory), "",
              "### The harness's own numbers (is the client or the upstream the bottleneck?)", "",
              "CPU shares are of one core over the whole run (warm-up included). The loadgen and the "
@@ -330,9 +387,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="1 repeat of 5 s windows after 2 s warm-up")
     p.add_argument("--litellm", action="store_true",
                    help=f"also measure LiteLLM proxy {LITELLM_VERSION} (installed into bench/.venvs on first use)")
+    p.add_argument("--portkey", action="store_true",
+                   help=f"also measure the open-source Portkey gateway {PORTKEY_VERSION} (npm-installed into "
+                        "bench/.venvs on first use)")
     p.add_argument("--gateway", nargs=3, action="append", default=[], metavar=("NAME", "URL", "CMD"),
                    help="another gateway: name, loopback base URL, start command (run in bench/ with PORT and "
-                        "UPSTREAM_BASE set), e.g. Portkey with ../shared/bench/run_portkey.sh")
+                        "UPSTREAM_BASE set)")
     p.add_argument("--header", nargs=2, action="append", default=[], metavar=("NAME", "'KEY: VALUE'"),
                    help="extra request header for gateway NAME ($UPSTREAM_BASE etc. expanded)")
     p.add_argument("--scenarios", default=DEFAULT_SCENARIOS,
@@ -342,6 +402,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=None, help="unmeasured seconds per run; default 3 (--quick: 2)")
     p.add_argument("--port", type=int, default=4500, help="our gateway's port")
     p.add_argument("--litellm-port", type=int, default=4400)
+    p.add_argument("--portkey-port", type=int, default=4410)
     p.add_argument("--mock-port", type=int, default=9000)
     p.add_argument("--mock-args", default="--chunks 20", help="extra mock_upstream.py arguments")
     p.add_argument("--client-cpus", default="0", help="cpus for mock + loadgen + Redis + this script")
@@ -374,7 +435,16 @@ def main() -> None:
     if args.litellm:
         exe = ensure_litellm(args)
         gateways.append(("litellm", f"http://127.0.0.1:{args.litellm_port}", f"env LITELLM={exe} ./run_litellm.sh"))
+    if args.portkey:
+        folder = ensure_portkey(args)
+        gateways.append(("portkey", f"http://127.0.0.1:{args.portkey_port}",
+                         f"env PORTKEY_DIR={shlex.quote(str(folder))} ./run_portkey.sh"))
+        given = {h.partition(":")[0].strip().lower() for n, h in args.header if n == "portkey"}
+        args.header += [["portkey", h] for h in PORTKEY_HEADERS if h.partition(":")[0].lower() not in given]
     gateways += [tuple(g) for g in args.gateway]
+    names = [g[0] for g in gateways]
+    if len(set(names)) != len(names):
+        sys.exit(f"gateway names must be distinct: {names}")
     for _name, url, _ in gateways:
         if urllib.parse.urlsplit(url).hostname not in ("127.0.0.1", "localhost"):
             sys.exit(f"gateway URL must be loopback: {url}")
@@ -417,6 +487,19 @@ def main() -> None:
                 notes.append(f"Baidu door: not available in this build (no working /oauth/2.0/token + "
                              f"{BAIDU_PATH}); skipped {', '.join(skipped)}")
                 print(notes[-1], flush=True)
+        for t in targets[2:]:  # other gateways have no Baidu door (none is set up for them)
+            skipped = [sc["name"] for sc in scenarios if not t.supports(sc)]
+            if skipped:
+                notes.append(f"{t.name}: no Baidu door; skipped {', '.join(skipped)} for it")
+                print(notes[-1], flush=True)
+        if args.litellm:
+            notes.append(f"LiteLLM: litellm[proxy]=={LITELLM_VERSION} + opentelemetry-sdk + prisma, 1 uvicorn worker")
+        if args.portkey:
+            node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+            notes.append(f"Portkey: @portkey-ai/gateway {PORTKEY_VERSION} with "
+                         + ", ".join(f"{k}@{v}" for k, v in PORTKEY_PINS.items())
+                         + f", one Node {node} process, --headless (no auth of its own; a fixed 25 ms "
+                           "sleep before each stream's first chunk, ../shared/bench pitfall 15)")
         time.sleep(3)
         memory = {t.name: {"idle_start": rss_mb(t.server.pid), "peak": 0.0, "ready_s": t.ready_s}
                   for t in targets}
