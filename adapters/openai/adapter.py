@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import aiohttp
 import msgspec
 
+from adapters import http1
 from adapters.base import AdapterContext, BackendConfig
 from adapters.openai.wire import UpstreamErrorDetail, UpstreamResponse
 from adapters.sse import SSEDecoder
@@ -102,54 +101,39 @@ def error_from_status(backend: str, status: int, headers: Mapping[str, str], raw
 
 
 class OpenAIAdapter:
-    """One pooled aiohttp session per backend.
+    """One pool of keep-alive connections per backend (adapters/http1.py).
 
-    aiohttp rather than httpx here (DESIGN.md's stack choice, changed with a measured reason):
-    bench/client_cost.py measures httpx at 1.2-6 ms of CPU per upstream call (its pool scans
-    every connection on every request) against 0.17-0.19 ms for aiohttp, and this is the
-    adapter on the hot path of every vLLM request."""
+    Neither httpx nor aiohttp (DESIGN.md's stack choice, changed with a measured reason): this
+    is the adapter on the hot path of every vLLM request, and bench/client_cost.py measures
+    httpx at 1.2-6 ms of CPU per upstream call and aiohttp at about 0.2 ms, against a gateway
+    budget of about 0.4 ms per request."""
 
     def __init__(self, cfg: OpenAIBackend, ctx: AdapterContext) -> None:
         self.name = ctx.name
         self.cfg = cfg
-        self.base = cfg.base_url.rstrip("/")
-        self.headers = {"content-type": "application/json"}
+        headers = {"content-type": "application/json"}
         if cfg.api_key:
-            self.headers["authorization"] = f"Bearer {cfg.api_key}"
+            headers["authorization"] = f"Bearer {cfg.api_key}"
         t = cfg.timeout
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect, sock_read=t.read)
-        self._session: aiohttp.ClientSession | None = None
+        self.pool = http1.Pool(cfg.base_url, max_connections=cfg.max_connections,
+                               connect_timeout=t.connect, read_timeout=t.read, headers=headers)
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        # Created on first use: a session belongs to the running event loop.
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self.cfg.max_connections, ttl_dns_cache=300,
-                                             enable_cleanup_closed=False)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout,
-                                                  headers=self.headers, auto_decompress=True,
-                                                  trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
-        return self._session
-
-    def _url(self, req: ChatRequest) -> str:
-        return self.base + ("/chat/completions" if req.is_chat else "/completions")
-
-    def _transport_error(self, exc: BaseException) -> UpstreamError:
-        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+    def _transport_error(self, exc: http1.HTTPError) -> UpstreamError:
+        if isinstance(exc, http1.ConnectTimeout):
             return UpstreamTimeout(f"timed out connecting to backend {self.name}")
-        if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        if isinstance(exc, http1.ReadTimeout):
             return UpstreamTimeout(f"timed out waiting for backend {self.name}")
-        if isinstance(exc, aiohttp.ClientPayloadError):
+        if isinstance(exc, http1.CutShort):
             return UpstreamProtocolError(f"backend {self.name} cut the response short")
-        return UpstreamUnavailable(f"cannot reach backend {self.name}: {type(exc).__name__}")
+        if isinstance(exc, http1.ConnectFailed):
+            return UpstreamUnavailable(f"cannot reach backend {self.name}: {exc}")
+        return UpstreamUnavailable(f"cannot reach backend {self.name}: the connection closed")
 
     async def complete(self, req: ChatRequest) -> ChatResult:
         body = _encode(to_openai(req, self.cfg.model))
         try:
-            async with self.session.post(self._url(req), data=body) as resp:
-                raw = await resp.read()
-                status, headers = resp.status, resp.headers
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            status, headers, raw = await self.pool.request("POST", _path(req), body)
+        except http1.HTTPError as exc:
             raise self._transport_error(exc) from None
         if status != 200:
             raise error_from_status(self.name, status, headers, raw)
@@ -173,37 +157,33 @@ class OpenAIAdapter:
     async def stream(self, req: ChatRequest) -> AsyncIterator[ChatChunk]:
         body = _encode(to_openai(req, self.cfg.model))
         try:
-            resp = await self.session.post(self._url(req), data=body)
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            resp = await self.pool.send("POST", _path(req), body)
+        except http1.HTTPError as exc:
             raise self._transport_error(exc) from None
         try:
             if resp.status != 200:
-                raw = await resp.read()
-                raise error_from_status(self.name, resp.status, resp.headers, raw)
+                raise error_from_status(self.name, resp.status, resp.headers, await resp.read())
             async for chunk in self._read_stream(resp, req):
                 yield chunk
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except http1.HTTPError as exc:
             raise self._transport_error(exc) from None
         finally:
             # A stream read to its end goes back to the pool; one left early is closed, so the
             # upstream sees the client go.
-            if resp.content.at_eof():
-                resp.release()
-            else:
-                resp.close()
+            resp.release()
 
-    async def _read_stream(self, resp: aiohttp.ClientResponse, req: ChatRequest) -> AsyncIterator[ChatChunk]:
+    async def _read_stream(self, resp: http1.Response, req: ChatRequest) -> AsyncIterator[ChatChunk]:
         decoder = SSEDecoder()
         finish: str | None = None
         usage: Usage | None = None
         produced: list[str] = []
-        async for raw in resp.content.iter_any():
+        while raw := await resp.read_some():
             for event in decoder.feed(raw):
                 if event.data == "[DONE]":
                     if usage is None:
                         usage = Usage(estimate_prompt_tokens(req),
                                       estimate_tokens("".join(produced)), "estimated")
-                    await resp.content.read()  # the chunked terminator: keeps the connection
+                    await resp.read()  # the chunked terminator: keeps the connection
                     yield ChatChunk(finish_reason=finish or "stop", usage=usage)
                     return
                 try:
@@ -226,8 +206,11 @@ class OpenAIAdapter:
         raise UpstreamProtocolError(f"backend {self.name} ended the stream without [DONE]")
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self.pool.aclose()
+
+
+def _path(req: ChatRequest) -> str:
+    return "/chat/completions" if req.is_chat else "/completions"
 
 
 def build(cfg: OpenAIBackend, ctx: AdapterContext) -> OpenAIAdapter:
