@@ -96,10 +96,19 @@ async def stream_response(send: Send, receive: Receive, status: int, headers: He
                           events: AsyncIterator[bytes]) -> bool:
     """Send `events` as they come. If the client disconnects, stop at once: the task
     iterating `events` is cancelled, so whatever it awaits upstream is abandoned, and
-    `events` is closed. Returns False when the client went away."""
+    `events` is closed. Returns False when the client went away.
+
+    Events that are ready together (an upstream read often carries many) leave in one write:
+    a writer task takes everything produced up to the moment it runs, which is when this task
+    next waits (for the upstream, usually). Nothing is held back waiting for more, and a
+    stream's 23 events cost one or two socket writes instead of 23 system calls."""
     task = asyncio.current_task()
     assert task is not None
+    loop = asyncio.get_running_loop()
     gone = False
+    pending: list[bytes] = []
+    writer: asyncio.Task[None] | None = None
+    writing = False  # the writer task has started (a task not yet started can be dropped)
 
     async def watch() -> None:
         nonlocal gone
@@ -110,12 +119,32 @@ async def stream_response(send: Send, receive: Receive, status: int, headers: He
                 task.cancel()
                 return
 
+    async def write() -> None:
+        nonlocal writing
+        writing = True
+        while pending:
+            data = b"".join(pending) if len(pending) > 1 else pending[0]
+            pending.clear()
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
     watcher = asyncio.ensure_future(watch())
     try:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         async for data in events:
-            await send({"type": "http.response.body", "body": data, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            pending.append(data)
+            if writer is None or writer.done():
+                if writer is not None:
+                    writer.result()  # a failed write ends the stream
+                writing = False
+                writer = loop.create_task(write())
+            elif len(pending) >= 256:
+                await writer  # a slow client: wait for the socket rather than queue without end
+        if writer is not None:
+            if writing:
+                await writer
+            else:
+                writer.cancel()  # not started: what it would write goes with the end instead
+        await send({"type": "http.response.body", "body": b"".join(pending), "more_body": False})
     except asyncio.CancelledError:
         if not gone:
             raise
@@ -123,6 +152,8 @@ async def stream_response(send: Send, receive: Receive, status: int, headers: He
         task.uncancel()
     finally:
         watcher.cancel()
+        if writer is not None:
+            writer.cancel()
         with contextlib.suppress(Exception):
             await events.aclose()  # type: ignore[attr-defined]
     return not gone
