@@ -202,6 +202,10 @@ class Router:
         stats = self.stats[backend]
         stats.in_flight += 1
         try:
+            if t.idle is None and deadline is None:  # nothing to bound: no timer per chunk
+                async for chunk in stream:
+                    yield chunk
+                return
             while True:
                 chunk = await _next(stream, _budget(t.idle, deadline), backend, "next chunk")
                 if chunk is None:

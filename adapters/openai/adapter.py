@@ -163,47 +163,45 @@ class OpenAIAdapter:
         try:
             if resp.status != 200:
                 raise error_from_status(self.name, resp.status, resp.headers, await resp.read())
-            async for chunk in self._read_stream(resp, req):
-                yield chunk
+            # The reading loop is inline (not a generator of its own): one async-generator
+            # layer less per streamed chunk.
+            decoder = SSEDecoder()
+            finish: str | None = None
+            usage: Usage | None = None
+            produced: list[str] = []
+            while raw := await resp.read_some():
+                for event in decoder.feed(raw):
+                    if event.data == "[DONE]":
+                        if usage is None:
+                            usage = Usage(estimate_prompt_tokens(req),
+                                          estimate_tokens("".join(produced)), "estimated")
+                        await resp.read()  # the chunked terminator: keeps the connection
+                        yield ChatChunk(finish_reason=finish or "stop", usage=usage)
+                        return
+                    try:
+                        data = _decode_response(event.data)
+                    except msgspec.DecodeError:
+                        raise UpstreamProtocolError(
+                            f"backend {self.name} sent a malformed stream event") from None
+                    if data.error is not None:
+                        raise UpstreamUnavailable(
+                            f"backend {self.name} failed mid-stream: {_error_message(data, b'')}")
+                    if data.usage is not None:
+                        usage = Usage(data.usage.prompt_tokens, data.usage.completion_tokens, "reported")
+                    for choice in data.choices[:1]:
+                        piece = choice.delta.content if choice.delta else choice.text
+                        if choice.finish_reason:
+                            finish = choice.finish_reason
+                        if piece:
+                            produced.append(piece)
+                            yield ChatChunk(text=piece)
+            raise UpstreamProtocolError(f"backend {self.name} ended the stream without [DONE]")
         except http1.HTTPError as exc:
             raise self._transport_error(exc) from None
         finally:
             # A stream read to its end goes back to the pool; one left early is closed, so the
             # upstream sees the client go.
             resp.release()
-
-    async def _read_stream(self, resp: http1.Response, req: ChatRequest) -> AsyncIterator[ChatChunk]:
-        decoder = SSEDecoder()
-        finish: str | None = None
-        usage: Usage | None = None
-        produced: list[str] = []
-        while raw := await resp.read_some():
-            for event in decoder.feed(raw):
-                if event.data == "[DONE]":
-                    if usage is None:
-                        usage = Usage(estimate_prompt_tokens(req),
-                                      estimate_tokens("".join(produced)), "estimated")
-                    await resp.read()  # the chunked terminator: keeps the connection
-                    yield ChatChunk(finish_reason=finish or "stop", usage=usage)
-                    return
-                try:
-                    data = _decode_response(event.data)
-                except msgspec.DecodeError:
-                    raise UpstreamProtocolError(
-                        f"backend {self.name} sent a malformed stream event") from None
-                if data.error is not None:
-                    raise UpstreamUnavailable(
-                        f"backend {self.name} failed mid-stream: {_error_message(data, b'')}")
-                if data.usage is not None:
-                    usage = Usage(data.usage.prompt_tokens, data.usage.completion_tokens, "reported")
-                for choice in data.choices[:1]:
-                    piece = choice.delta.content if choice.delta else choice.text
-                    if choice.finish_reason:
-                        finish = choice.finish_reason
-                    if piece:
-                        produced.append(piece)
-                        yield ChatChunk(text=piece)
-        raise UpstreamProtocolError(f"backend {self.name} ended the stream without [DONE]")
 
     async def aclose(self) -> None:
         await self.pool.aclose()
