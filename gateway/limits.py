@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -260,11 +261,16 @@ class Limiter:
                            limit=out.limit, retry_after=retry)
 
     # -- settlement --
-    async def settle(self, admission: Admission, usage: Usage | None, record: UsageRecord) -> None:
+    def settle(self, admission: Admission, usage: Usage | None, record: UsageRecord) -> Awaitable[None]:
         """Settle tokens and quota to `usage` (None: nothing was produced), free the slot and
-        record `record`. Never raises for store trouble: the settlement is retried later."""
+        record `record`. Never raises for store trouble: the settlement is retried later.
+
+        The settlement is sent to the store when this is called (a store whose `settle` sends
+        eagerly, as the Redis store does); await the result for it to be done. So a response
+        sent after calling this, and before awaiting it, reaches the client after the
+        settlement reached Redis."""
         if admission.settled:
-            return
+            return _nothing()
         admission.settled = True
         self._live.pop(admission.request_id, None)
         actual = usage.total_tokens if usage is not None else 0
@@ -284,8 +290,11 @@ class Limiter:
             usage=usage_write(record, admission.tag, self.stream_maxlen, admission.request_id),
             limits=limits,
         )
+        return self._settled(plan, self.store.settle(plan))
+
+    async def _settled(self, plan: SettlePlan, sent: Awaitable[bool]) -> None:
         try:
-            await self.store.settle(plan)
+            await sent
         except StoreUnavailable as exc:
             self.store_errors += 1
             log.warning("store unavailable at settlement, will retry: %s", exc)
@@ -352,3 +361,7 @@ class Limiter:
                     await task
         if self._pending:
             log.error("%d usage settlements could not be written to the store", len(self._pending))
+
+
+async def _nothing() -> None:
+    return None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -160,12 +160,13 @@ class Pipeline:
             meta.headers = {**meta.headers, **limits}
         return admission
 
-    async def settle(self, principal: Principal, req: ChatRequest, meta: CallMeta, admission: Any,
-                     usage: Usage | None, error: str | None) -> None:
+    def settle(self, principal: Principal, req: ChatRequest, meta: CallMeta, admission: Any,
+               usage: Usage | None, error: str | None) -> Awaitable[None]:
         """Real usage replaces the reservation; the usage record is written. A cache hit
-        costs no tokens: it counts as a request and a cache hit."""
+        costs no tokens: it counts as a request and a cache hit. Sent when called, done when
+        awaited (`Limiter.settle`)."""
         if self.limiter is None or admission is None:
-            return
+            return _nothing()
         hit = meta.cache == "hit"
         charged = None if hit else usage
         u = charged or Usage(0, 0)
@@ -173,7 +174,7 @@ class Pipeline:
                              backend=meta.backend or "none", prompt_tokens=u.prompt_tokens,
                              completion_tokens=u.completion_tokens, source=u.source, cache_hit=hit,
                              error=error)
-        await self.limiter.settle(admission, charged, record)
+        return self.limiter.settle(admission, charged, record)
 
     def cache_ttl(self, alias: str) -> float:
         cfg = self.config.models[alias].cache
@@ -196,10 +197,16 @@ class Pipeline:
             meta.cache = "miss"
         return found
 
-    async def complete(self, principal: Principal, req: ChatRequest,
-                       cache_control: str | None = None) -> tuple[ChatResult, CallMeta]:
+    async def complete(self, principal: Principal, req: ChatRequest, cache_control: str | None,
+                       deliver: Callable[[ChatResult, CallMeta], Awaitable[None]]) -> None:
+        """Answer `req` and hand the answer to `deliver` (which sends it to the client).
+
+        The settlement is sent to the store before `deliver` runs and awaited after it: the
+        client does not wait a store round trip for its answer, yet the settlement reaches
+        Redis before the answer reaches the client, so the client's next request (to any
+        gateway) finds its concurrency slot free and its usage counted."""
         try:
-            result, meta = await self._complete(principal, req, cache_control)
+            result, meta, settling = await self._complete(principal, req, cache_control)
         except GatewayError as exc:
             self._count(req.model, exc.status, exc.meta)
             raise
@@ -207,39 +214,48 @@ class Pipeline:
             self._count(req.model, 500, None)
             raise
         self._count(req.model, 200, meta)
-        return result, meta
+        try:
+            await deliver(result, meta)
+        finally:
+            await settling
 
     async def _complete(self, principal: Principal, req: ChatRequest,
-                        cache_control: str | None) -> tuple[ChatResult, CallMeta]:
+                        cache_control: str | None) -> tuple[ChatResult, CallMeta, Awaitable[None]]:
         meta = self._start(principal, req)
         admission = await self.admit(principal, req, meta)
-        usage: Usage | None = None
-        error: str | None = "gateway_error"
         fill: CacheFill | None = None
         try:
             found = await self._cache_lookup(principal, req, meta, cache_control)
             if isinstance(found, ChatResult):
-                error = None
-                return found, meta
-            fill = found
-            result = await self.router.complete(req, meta)
-            usage, error = result.usage, None
-            if fill is not None:
-                await fill.put(result, self.cache_ttl(req.model))
-            return result, meta
+                result = found
+            else:
+                fill = found
+                result = await self.router.complete(req, meta)
+                if fill is not None:
+                    await fill.put(result, self.cache_ttl(req.model))
         except UpstreamError as exc:
-            error = exc.code
+            await self._abandon(fill)
+            await self.settle(principal, req, meta, admission, None, exc.code)
             failed = UpstreamFailed(exc)
             failed.meta = meta
             raise failed from None
         except GatewayError as exc:
-            error = exc.code
+            await self._abandon(fill)
+            await self.settle(principal, req, meta, admission, None, exc.code)
             exc.meta = meta
             raise
-        finally:
-            if fill is not None:
-                await fill.abandon()
-            await self.settle(principal, req, meta, admission, usage, error)
+        except BaseException:
+            await self._abandon(fill)
+            await self.settle(principal, req, meta, admission, None, "gateway_error")
+            raise
+        await self._abandon(fill)
+        usage = None if meta.cache == "hit" else result.usage
+        return result, meta, self.settle(principal, req, meta, admission, usage, None)
+
+    @staticmethod
+    async def _abandon(fill: CacheFill | None) -> None:
+        if fill is not None:
+            await fill.abandon()
 
     async def open_stream(self, principal: Principal, req: ChatRequest,
                           cache_control: str | None = None) -> StreamCall:
@@ -279,3 +295,7 @@ class Pipeline:
             await self.settle(principal, req, meta, admission, None, "gateway_error")
             raise
         return StreamCall(self, principal, req, meta, first, rest, admission, fill)
+
+
+async def _nothing() -> None:
+    return None

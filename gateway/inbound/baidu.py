@@ -22,12 +22,14 @@ import hashlib
 import logging
 import secrets
 import time
+from collections.abc import Awaitable
 from urllib.parse import parse_qsl, unquote
 
 import msgspec
 
 from adapters.baidu.signer import SignatureRejected, parse_authorization, verify
 from adapters.baidu.wire import CHAT_PATH_PREFIX, TokenResponse
+from adapters.types import ChatResult
 from gateway.asgi import (
     JSON,
     SSE,
@@ -56,7 +58,7 @@ from gateway.inbound.baidu_codec import (
     new_id,
     token_body,
 )
-from gateway.pipeline import Pipeline
+from gateway.pipeline import CallMeta, Pipeline
 from gateway.store import Store, StoreUnavailable
 
 _encode = msgspec.json.Encoder().encode
@@ -186,7 +188,12 @@ class BaiduDoor:
             if req.stream:
                 call = await self.pipeline.open_stream(principal, req, header(scope, b"cache-control"))
             else:
-                result, meta = await self.pipeline.complete(principal, req, header(scope, b"cache-control"))
+                def deliver(result: ChatResult, meta: CallMeta) -> Awaitable[None]:
+                    return send_response(send, 200, encode_result(result, rid, created),
+                                         [JSON, *meta_headers(meta)])
+
+                await self.pipeline.complete(principal, req, header(scope, b"cache-control"), deliver)
+                return
         except SignatureRejected as exc:
             await send_response(send, *iam_rejection(exc, rid))
             return
@@ -202,11 +209,8 @@ class BaiduDoor:
             await send_response(send, 200, error_body(BaiduFault(336000), rid),
                                 [JSON, (b"x-baidu-request-id", rid.encode())])
             return
-        if req.stream:
-            await stream_response(send, receive, 200, [*SSE, *meta_headers(call.meta)],
-                                  encode_stream(req, call.__aiter__(), rid, created))
-            return
-        await send_response(send, 200, encode_result(result, rid, created), [JSON, *meta_headers(meta)])
+        await stream_response(send, receive, 200, [*SSE, *meta_headers(call.meta)],
+                              encode_stream(req, call.__aiter__(), rid, created))
 
     async def _authenticate(self, scope: Scope, path: str) -> Principal:
         query = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import msgspec
@@ -259,8 +259,12 @@ class OpenAIDoor:
                 events = encode_stream(req, call.__aiter__(), cid, include_usage)
                 await stream_response(send, receive, 200, [*SSE, *meta_headers(call.meta, echo, explain)], events)
                 return
-            result, meta = await self.pipeline.complete(principal, req, header(scope, b"cache-control"))
-            await send_response(send, 200, encode_result(req, result, cid), [JSON, *meta_headers(meta, echo, explain)])
+
+            def deliver(result: ChatResult, meta: CallMeta) -> Awaitable[None]:
+                return send_response(send, 200, encode_result(req, result, cid),
+                                     [JSON, *meta_headers(meta, echo, explain)])
+
+            await self.pipeline.complete(principal, req, header(scope, b"cache-control"), deliver)
         except GatewayError as err:
             await send_response(send, err.status, error_body(err), error_headers(err, echo, explain))
 
