@@ -63,6 +63,7 @@ class Router:
         self.cooldowns = Cooldowns(store, policies)
         self._timeouts: dict[str, Timeouts] = {name: b.timeout for name, b in config.backends.items()}
         self._models = {name: getattr(b, "model", None) for name, b in config.backends.items()}
+        self._static_plans: dict[str, tuple[str, ...]] = {}
 
     # --- ordering --------------------------------------------------------------------------
 
@@ -91,7 +92,12 @@ class Router:
         return [t.backend for t in sorted(targets, key=lambda t: t.priority)]
 
     def plan(self, alias: str, seen: frozenset[str] = frozenset()) -> list[str]:
-        """Every backend to try for an alias, in order: its targets, then its fallbacks'."""
+        """Every backend to try for an alias, in order: its targets, then its fallbacks'.
+        A plan made only of priority routes is the same every time: it is made once."""
+        if not seen:
+            static = self._static_plans.get(alias)
+            if static is not None:
+                return list(static)
         route = self.config.models[alias]
         plan = self._order(route)
         for fb in route.fallbacks:
@@ -99,7 +105,16 @@ class Router:
                 plan += self.plan(fb, seen | {alias})
             elif fb in self.config.backends:
                 plan.append(fb)
-        return list(dict.fromkeys(plan))
+        plan = list(dict.fromkeys(plan))
+        if not seen and self._is_static(alias, frozenset()):
+            self._static_plans[alias] = tuple(plan)
+        return plan
+
+    def _is_static(self, alias: str, seen: frozenset[str]) -> bool:
+        route = self.config.models[alias]
+        return route.strategy == "priority" and all(
+            self._is_static(fb, seen | {alias}) for fb in route.fallbacks
+            if fb in self.config.models and fb not in seen)
 
     def _backend_request(self, req: ChatRequest, backend: str) -> ChatRequest:
         return msgspec.structs.replace(req, model=self._models.get(backend) or req.model)
@@ -165,9 +180,13 @@ class Router:
             stats = self.stats[backend]
             stats.in_flight += 1
             started = time.monotonic()
+            total = self._timeouts[backend].total
             try:
-                async with asyncio.timeout(self._timeouts[backend].total):
+                if total is None:
                     result = await self.adapters[backend].complete(breq)
+                else:
+                    async with asyncio.timeout(total):
+                        result = await self.adapters[backend].complete(breq)
             except TimeoutError:
                 raise UpstreamTimeout(f"backend {backend} took longer than its total timeout") from None
             finally:
