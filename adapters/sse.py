@@ -31,6 +31,31 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         buf = self._buf + chunk if self._buf else chunk
+        if b"\r" not in buf and not self._data and not self._event:
+            return self._feed_blocks(buf)
+        return self._feed_lines(buf)
+
+    def _feed_blocks(self, buf: bytes) -> list[SSEEvent]:
+        """The common case (`\n` line ends, no event half-parsed): whole events at a time,
+        and an event that is one `data: ` line without parsing it line by line. An incomplete
+        event stays in the buffer unparsed."""
+        events: list[SSEEvent] = []
+        start = 0
+        while (end := buf.find(b"\n\n", start)) >= 0:
+            block = buf[start:end]
+            start = end + 2
+            if block.startswith(b"data: ") and b"\n" not in block:
+                events.append(SSEEvent(block[6:].decode("utf-8"), "message", self._id))
+            elif block:
+                for line in block.split(b"\n"):
+                    self._line(line.decode("utf-8"))
+                ev = self._line("")
+                if ev is not None:
+                    events.append(ev)
+        self._buf = buf[start:]
+        return events
+
+    def _feed_lines(self, buf: bytes) -> list[SSEEvent]:
         events: list[SSEEvent] = []
         start = 0
         while True:
