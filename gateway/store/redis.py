@@ -1,8 +1,11 @@
-"""The Redis store engine: one blocking connection pool shared by the whole process.
+"""The Redis store engine: admit and settle (every request) on a few pipelined connections of
+our own (resp.py), everything else on one blocking redis-py connection pool per process.
 
 The pool blocks when all connections are busy rather than raising `MaxConnectionsError`: a
-limit must never open because the pool ran dry. Nothing is retried by redis-py (a retried
-admission could take a limit twice). The Lua scripts in lua/ are loaded once, run by SHA.
+limit must never open because the pool ran dry; the pipelined lane never waits for a
+connection at all. Nothing is retried, by redis-py or by us (a retried admission could take a
+limit twice), except a script Redis lost (NOSCRIPT: it did not run), which is loaded and run
+again. The Lua scripts in lua/ are loaded once, run by SHA.
 
 How long a call may take: a call fails once Redis itself has been silent for `timeout_ms`
 (no reply, handshakes included, on any connection of this process) or refuses the connection,
@@ -13,16 +16,17 @@ answering, up to a hard cap of ten timeouts: a spurious timeout would apply the 
 policy, and opening a limit because our own queue was long is exactly the overshoot this
 store exists to prevent. Before Redis has answered this process at all, only a refused
 connection or the hard cap fails a call (a cold start's burst of handshakes is slow, not dead).
+On the pipelined lane (resp.py) the watchdog is per connection: the silence counts from when
+the connection last became busy, the hard cap from its oldest pending call, and giving up
+fails every call pending on it (one sent while Redis was already silent goes with the rest).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import secrets
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,7 +35,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError
 
 from gateway.store.base import (
     AdmitPlan,
@@ -43,6 +47,7 @@ from gateway.store.base import (
     StoreUnavailable,
     UsageWrite,
 )
+from gateway.store.resp import Endpoint, Heard, ReplyError, RespLane
 
 _LUA = Path(__file__).with_name("lua")
 T = TypeVar("T")
@@ -56,15 +61,7 @@ class _Script:
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
 
-class _Heard:
-    """When Redis last answered anything on any connection of this store (handshakes too);
-    None until it first did (a cold start's burst of handshakes is not a silent Redis)."""
-
-    def __init__(self) -> None:
-        self.at: float | None = None
-
-
-def _listening(base: type[aioredis.Connection], heard: _Heard) -> type[aioredis.Connection]:
+def _listening(base: type[aioredis.Connection], heard: Heard) -> type[aioredis.Connection]:
     class ListeningConnection(base):  # type: ignore[valid-type, misc]
         async def read_response(self, *args: Any, **kwargs: Any) -> Any:
             response = await super().read_response(*args, **kwargs)
@@ -72,50 +69,6 @@ def _listening(base: type[aioredis.Connection], heard: _Heard) -> type[aioredis.
             return response
 
     return ListeningConnection
-
-
-class _Lane:
-    """A small pool that waits (never raises) when all its connections are busy; a connection
-    that failed is disconnected by its user and reconnects on its next command."""
-
-    def __init__(self, make: Callable[[], aioredis.Connection], size: int) -> None:
-        self._make = make
-        self._size = size
-        self._all: list[aioredis.Connection] = []
-        self._idle: list[aioredis.Connection] = []
-        self._waiters: deque[asyncio.Future[aioredis.Connection]] = deque()
-
-    async def acquire(self) -> aioredis.Connection:
-        if self._idle:
-            return self._idle.pop()
-        if len(self._all) < self._size:
-            conn = self._make()
-            self._all.append(conn)
-            return conn
-        fut: asyncio.Future[aioredis.Connection] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self.release(fut.result())  # handed over just as we gave up
-            else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(fut)
-            raise
-
-    def release(self, conn: aioredis.Connection) -> None:
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(conn)
-                return
-        self._idle.append(conn)
-
-    async def aclose(self) -> None:
-        for conn in self._all:
-            with contextlib.suppress(Exception):
-                await conn.disconnect()
 
 
 def _consume(task: asyncio.Future[Any]) -> None:
@@ -127,10 +80,10 @@ def _consume(task: asyncio.Future[Any]) -> None:
 class RedisStore:
     engine = "redis"
 
-    def __init__(self, url: str, timeout_ms: int = 250, max_connections: int = 16) -> None:
+    def __init__(self, url: str, timeout_ms: int = 250, max_connections: int = 16, lane_connections: int = 2) -> None:
         self.timeout = timeout_ms / 1000
         self.hard_timeout = max(1.0, 10 * self.timeout)
-        self._heard = _Heard()
+        self._heard = Heard()
         options = parse_url(url)
         base = options.pop("connection_class", aioredis.Connection)
         # redis-py's own timeouts are only the hard cap; the watchdog in _call decides sooner
@@ -144,10 +97,12 @@ class RedisStore:
             **options,
         )
         self.client = aioredis.Redis(connection_pool=self.pool)
-        # admit and settle (every request) use a lane of their own: the same connections minus
-        # redis-py's pool and per-read timeout bookkeeping (the watchdog in _call bounds them)
-        lane_kwargs = {**self.pool.connection_kwargs, "socket_timeout": None}
-        self._lane = _Lane(lambda: self.pool.connection_class(**lane_kwargs), max_connections)
+        # admit and settle: pipelined, so a couple of connections carry any burst; TLS options
+        # (rediss://) are read by redis-py into the context that asyncio's TLS transport takes
+        kwargs = self.pool.connection_kwargs
+        tls = base(**kwargs).ssl_context.get() if issubclass(base, aioredis.SSLConnection) else None
+        self._lane = RespLane(Endpoint(kwargs, tls), self._heard, self.timeout, self.hard_timeout,
+                              max(1, min(lane_connections, max_connections)))
         self._admit = _Script("admit")
         self._settle = _Script("settle")
         self._refresh = _Script("refresh")
@@ -236,35 +191,16 @@ class RedisStore:
         await self._call(lambda: self._eval(self._release, [key], [token]))
 
     # -- limits, quotas, usage --
-    async def _roundtrip(self, packed: bytes, replies: int) -> list[Any]:
-        """Send commands packed by this module and read their replies (error replies are
-        returned, not raised): one round trip, without redis-py's per-command packing."""
-        lane = self._lane
-        conn = await lane.acquire()
-        try:
-            await conn.send_packed_command(packed)
-            out: list[Any] = []
-            for _ in range(replies):
-                try:
-                    out.append(await conn.read_response())
-                except ResponseError as exc:  # the reply was read whole: the connection is fine
-                    out.append(exc)
-        except BaseException:
-            await conn.disconnect()  # unread replies (cancelled, timed out): not reusable
-            raise
-        finally:
-            lane.release(conn)
-        return out
+    async def _load(self, script: _Script) -> None:
+        await self._call(lambda: self.client.script_load(script.source))
 
     async def _script(self, script: _Script, packed: bytes) -> Any:
         """Run a packed EVALSHA alone; load the script first if Redis lost it."""
-        (out,) = await self._roundtrip(packed, 1)
-        if isinstance(out, NoScriptError):
-            await self.client.script_load(script.source)
-            (out,) = await self._roundtrip(packed, 1)
-        if isinstance(out, Exception):
-            raise out
-        return out
+        out = await self._lane.call(packed)
+        if isinstance(out, ReplyError) and out.noscript:
+            await self._load(script)
+            out = await self._lane.call(packed)
+        return _ok(out)
 
     def _wire(self, limits: LimitSet) -> _Wire:
         w = limits.wire
@@ -275,7 +211,7 @@ class RedisStore:
     async def admit(self, plan: AdmitPlan) -> Admitted | Refused:
         w = self._wire(plan.limits)
         packed = b"".join((w.admit_head, _arg(plan.request_id), _int(plan.est_tokens), w.admit_tail))
-        out = await self._call(lambda: self._script(self._admit, packed))
+        out = await self._script(self._admit, packed)
         if out[0] == 1:
             return Admitted(out[1], out[2], out[3], out[4])
         limit = out[1].decode() if isinstance(out[1], bytes) else str(out[1])
@@ -297,25 +233,20 @@ class RedisStore:
         index = b"" if member in self._indexed else _index(u, ttl)
         replies = 4 if index else 2  # the script, XADD (, SADD, EXPIRE)
 
-        async def run() -> bool:
-            res = await self._roundtrip(b"".join((script, event, index)), replies)
-            if isinstance(res[0], NoScriptError):
-                await self.client.script_load(self._settle.source)
-                res[0] = (await self._roundtrip(script, 1))[0]
-            for r in res:
-                if isinstance(r, Exception):
-                    raise r
-            if index:
-                if len(self._indexed) >= 100_000:
-                    self._indexed.clear()
-                self._indexed.add(member)
-            elif res[0] == 2:
-                for r in await self._roundtrip(_index(u, ttl), 2):
-                    if isinstance(r, Exception):
-                        raise r
-            return bool(res[0])
-
-        return await self._call(run)
+        res = await self._lane.call(b"".join((script, event, index)), replies)
+        if isinstance(res[0], ReplyError) and res[0].noscript:
+            await self._load(self._settle)
+            res[0] = await self._lane.call(script)
+        for r in res:
+            _ok(r)
+        if index:
+            if len(self._indexed) >= 100_000:
+                self._indexed.clear()
+            self._indexed.add(member)
+        elif res[0] == 2:
+            for r in await self._lane.call(_index(u, ttl), 2):
+                _ok(r)
+        return bool(res[0])
 
     def _xadd(self, u: UsageWrite) -> bytes:
         head = self._xadd_heads.get((u.stream_key, u.stream_maxlen, len(u.event)))
@@ -366,9 +297,16 @@ class RedisStore:
         return [(i.decode(), {k.decode(): v.decode() for k, v in f.items()}) for i, f in rows]
 
     async def aclose(self) -> None:
-        await self._lane.aclose()
+        self._lane.close()
         await self.client.aclose()
         await self.pool.disconnect()
+
+
+def _ok(reply: Any) -> Any:
+    """The reply, or StoreUnavailable for an error reply (a script that failed)."""
+    if isinstance(reply, ReplyError):
+        raise StoreUnavailable(f"redis: {reply}")
+    return reply
 
 
 def _arg(v: str) -> bytes:
