@@ -12,7 +12,7 @@ gateway processes with skewed clocks still share one window.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -168,8 +168,9 @@ class Store(Protocol):
         """Check every limit of the plan and take them all, or take nothing (one round trip)."""
         ...
 
-    async def settle(self, plan: SettlePlan) -> bool:
-        """Apply a settlement (one round trip); False when this request was already settled."""
+    def settle(self, plan: SettlePlan) -> Awaitable[bool]:
+        """Apply a settlement (one round trip); False when this request was already settled.
+        A store that talks to a server sends it before returning; awaiting gives the outcome."""
         ...
 
     async def refresh(self, leases: Sequence[Lease], ttl_ms: int) -> None:

@@ -217,7 +217,9 @@ class RedisStore:
         limit = out[1].decode() if isinstance(out[1], bytes) else str(out[1])
         return Refused(limit, int(out[2]), int(out[3]))
 
-    async def settle(self, plan: SettlePlan) -> bool:
+    def settle(self, plan: SettlePlan) -> Awaitable[bool]:
+        """Written to Redis before this returns (the pipeline answers the client after it:
+        Limiter.settle); the awaitable is the outcome."""
         w = self._wire(plan.limits)
         u = plan.usage
         script = b"".join((w.settle_head, _arg(u.counters_key), _arg(plan.request_id), _int(plan.est_tokens),
@@ -232,8 +234,12 @@ class RedisStore:
         ttl = plan.limits.counters_ttl_ms
         index = b"" if member in self._indexed else _index(u, ttl)
         replies = 4 if index else 2  # the script, XADD (, SADD, EXPIRE)
+        sent = self._lane.call(b"".join((script, event, index)), replies, at_once=True)
+        return self._settled(sent, script, index, u, ttl)
 
-        res = await self._lane.call(b"".join((script, event, index)), replies)
+    async def _settled(self, sent: Awaitable[list[Any]], script: bytes, index: bytes, u: UsageWrite,
+                       ttl: int) -> bool:
+        res = await sent
         if isinstance(res[0], ReplyError) and res[0].noscript:
             await self._load(self._settle)
             res[0] = await self._lane.call(script)
@@ -242,7 +248,7 @@ class RedisStore:
         if index:
             if len(self._indexed) >= 100_000:
                 self._indexed.clear()
-            self._indexed.add(member)
+            self._indexed.add((u.index_key, u.user))
         elif res[0] == 2:
             for r in await self._lane.call(_index(u, ttl), 2):
                 _ok(r)

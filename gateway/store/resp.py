@@ -106,7 +106,7 @@ class RespConnection(asyncio.Protocol):
             self._opening = None
             self.abort(f"redis: {type(exc).__name__}: {exc}")
 
-    def send(self, packed: bytes, replies: int, fut: asyncio.Future[Any]) -> None:
+    def send(self, packed: bytes, replies: int, fut: asyncio.Future[Any], at_once: bool = False) -> None:
         now = time.monotonic()
         idle = not self._pending
         if idle:
@@ -117,7 +117,9 @@ class RespConnection(asyncio.Protocol):
         queued = self._queued
         if queued is not None:  # connecting, or more calls of this loop iteration to come
             queued.append(packed)
-        elif idle:
+            if at_once and self._transport is not None and not self._hello:
+                self._flush()  # the batch so far goes now, this call last
+        elif idle or at_once:
             self._transport.write(packed)  # type: ignore[union-attr]
         else:
             # replies are due anyway: the calls made until the loop's next turn go out in one write
@@ -241,9 +243,11 @@ class RespLane:
         self._conns: list[RespConnection | None] = [None] * max(1, size)
         self._next = 0
 
-    def call(self, packed: bytes, replies: int = 1) -> asyncio.Future[Any]:
+    def call(self, packed: bytes, replies: int = 1, at_once: bool = False) -> asyncio.Future[Any]:
         """Send packed commands; the future is their reply (a list of them when `replies` > 1),
-        error replies as `ReplyError` values, or fails with StoreUnavailable."""
+        error replies as `ReplyError` values, or fails with StoreUnavailable. `at_once`: written
+        to the socket before this returns (unless the connection is still opening), not batched
+        with the calls of the rest of this loop iteration."""
         loop = asyncio.get_running_loop()
         i = self._next
         self._next = i + 1 if i + 1 < len(self._conns) else 0
@@ -251,7 +255,7 @@ class RespLane:
         if conn is None or conn.closed or conn.loop is not loop:
             conn = self._conns[i] = RespConnection(self, loop)
         fut = loop.create_future()
-        conn.send(packed, replies, fut)
+        conn.send(packed, replies, fut, at_once)
         return fut
 
     def close(self) -> None:
