@@ -62,7 +62,7 @@ PORTKEY_PACKAGES = [f"@portkey-ai/gateway@{PORTKEY_VERSION}", *(f"{k}@{v}" for k
 PORTKEY_HEADERS = ["x-portkey-provider: openai", "x-portkey-custom-host: $UPSTREAM_BASE"]
 BAIDU_PATH = "/rpc/2.0/ai_custom/v1/wenxinworkshop/chat/mock_gpt"
 BEGIN, END = "<!-- bench:begin (written by bench/run.py) -->", "<!-- bench:end -->"
-DEFAULT_SCENARIOS = "nonstream-c1,nonstream-c32,stream-c16,baidu-c32"
+DEFAULT_SCENARIOS = "nonstream-c1,nonstream-c32,stream-c1,stream-c16,baidu-c32"
 
 
 # ---------- scenarios and targets ----------
