@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Iterator
 
@@ -230,6 +231,26 @@ def test_client_disconnect_mid_stream_closes_the_upstream(
         time.sleep(0.02)
     assert ctl.disconnects == 1
     assert ctl.completed_streams == 0
+
+
+def test_stream_chunks_are_forwarded_as_they_arrive_not_held_back(
+        gateway: str, emulator: tuple[LoopbackServer, EmulatorControl]) -> None:
+    ctl = emulator[1]
+    ctl.chunk_delay = 0.15
+    try:
+        arrivals: list[float] = []
+        with httpx.Client(timeout=10) as http, http.stream(
+                "POST", gateway + "/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"},
+                json={"model": "llama-3-8b", "stream": True,
+                      "messages": [{"role": "user", "content": "one two three four five"}]}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line:
+                    arrivals.append(time.monotonic())
+    finally:
+        ctl.chunk_delay = 0.0
+    assert len(arrivals) >= 4
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert min(gaps) > 0.08  # each chunk left when it came, none waited for the next
 
 
 def test_health_and_readiness_need_no_key(gateway: str) -> None:
