@@ -13,6 +13,7 @@ concurrency with each client and reports this process's CPU time per request:
 - httpx-transport: `httpx.AsyncHTTPTransport.handle_async_request` directly (no cookies,
   auth, redirects, logging)
 - aiohttp: `aiohttp.ClientSession.post` + body (TCPConnector limit 256)
+- llm-gateway-http1: `adapters.http1.Pool.request`, the client the OpenAI adapter uses
 
 It measures the client alone (no server side), which is what the gateway pays per upstream
 call on top of its own work.
@@ -36,8 +37,11 @@ import httpx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
 
 from procs import Server, free_port, parse_cpus  # noqa: E402
+
+from adapters import http1  # noqa: E402
 
 BODY = json.dumps({"model": "mock-gpt", "messages": [{"role": "user", "content": "Say hello."}],
                    "max_tokens": 32}).encode()
@@ -91,6 +95,13 @@ async def measure(base: str, n: int, c: int) -> dict[str, float]:
                 return await resp.read()
 
         out["aiohttp"] = await drive(call_aiohttp, n, c)
+    pool = http1.Pool(base + "/v1", max_connections=256, connect_timeout=2, read_timeout=30, headers=HEADERS)
+
+    async def call_http1() -> bytes:
+        return (await pool.request("POST", "/chat/completions", BODY))[2]
+
+    out["llm-gateway-http1"] = await drive(call_http1, n, c)
+    await pool.aclose()
     return out
 
 
