@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -264,5 +268,34 @@ def test_connection_close_from_the_server_is_honoured() -> None:
             for _ in range(3):
                 assert (await pool.request("POST", "/x", b"{}"))[2] == b"bye"
             assert srv.connections == 3 and pool._count == 0
+
+    asyncio.run(main())
+
+
+def test_https_verifies_the_certificate_against_the_trusted_roots(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
+
+    async def main() -> None:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(cert, key)
+        srv = Server(echo_forever)
+        srv.server = await asyncio.start_server(srv._serve, "127.0.0.1", 0, ssl=tls)
+        port = srv.server.sockets[0].getsockname()[1]
+        with pytest.raises(http1.ConnectFailed, match="SSLCertVerificationError"):  # not trusted yet
+            await http1.Pool(f"https://localhost:{port}/v1").request("POST", "/x", b"{}")
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        pool = http1.Pool(f"https://localhost:{port}/v1")
+        for i in range(3):
+            assert (await pool.request("POST", "/x", b"%d" % i))[2] == b"echo:%d" % i
+        assert srv.connections == 1  # one kept-alive connection (the refused handshake never was one)
+        await pool.aclose()
+        await asyncio.wait_for(srv.eof.wait(), 2)
+        srv.server.close()
 
     asyncio.run(main())
