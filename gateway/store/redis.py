@@ -28,9 +28,11 @@ import hashlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any, TypeVar
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
@@ -108,7 +110,6 @@ class RedisStore:
         self._refresh = _Script("refresh")
         self._release = _Script("release_lock")
         self._indexed: set[tuple[str, str]] = set()  # (day index, user) pairs written by this process
-        self._xadd_heads: dict[tuple[str, int, int], bytes] = {}
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
         loop = asyncio.get_running_loop()
@@ -254,13 +255,10 @@ class RedisStore:
                 _ok(r)
         return bool(res[0])
 
-    def _xadd(self, u: UsageWrite) -> bytes:
-        head = self._xadd_heads.get((u.stream_key, u.stream_maxlen, len(u.event)))
-        if head is None:
-            head = self._xadd_heads[(u.stream_key, u.stream_maxlen, len(u.event))] = b"".join((
-                b"*%d\r\n" % (6 + 2 * len(u.event)), _arg("XADD"), _arg(u.stream_key), _arg("MAXLEN"),
-                _arg("~"), _int(u.stream_maxlen), _arg("*")))
-        return b"".join((head, *[_arg(x) for pair in u.event for x in pair]))
+    @staticmethod
+    def _xadd(u: UsageWrite) -> bytes:
+        return hiredis.pack_command(  # type: ignore[no-any-return]
+            ("XADD", u.stream_key, "MAXLEN", "~", u.stream_maxlen, "*", *chain.from_iterable(u.event)))
 
     async def refresh(self, leases: Sequence[Lease], ttl_ms: int) -> None:
         if not leases:
