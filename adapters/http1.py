@@ -224,10 +224,8 @@ class Pool:
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        default_port = self.port == (443 if self.ssl else 80)
-        host = self.host if default_port else f"{self.host}:{self.port}"
-        if ":" in self.host and not default_port:
-            host = f"[{self.host}]:{self.port}"
+        name = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
+        host = name if self.port == (443 if self.ssl else 80) else f"{name}:{self.port}"
         lines = [f"host: {host}", "user-agent: llm-gateway", "accept-encoding: identity"]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
         self._head_tail = ("\r\n".join(lines) + "\r\n").encode("latin-1")

@@ -270,7 +270,7 @@ class Limiter:
         sent after calling this, and before awaiting it, reaches the client after the
         settlement reached Redis."""
         if admission.settled:
-            return _nothing()
+            return nothing_to_await()
         admission.settled = True
         self._live.pop(admission.request_id, None)
         actual = usage.total_tokens if usage is not None else 0
@@ -363,5 +363,5 @@ class Limiter:
             log.error("%d usage settlements could not be written to the store", len(self._pending))
 
 
-async def _nothing() -> None:
-    return None
+async def nothing_to_await() -> None:
+    """An awaitable that does nothing (a settlement with nothing to send)."""

@@ -16,7 +16,7 @@ import contextlib
 import copy
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -27,7 +27,7 @@ from gateway.auth import KeyRing, Principal
 from gateway.cache import CacheFill, ResponseCache, cache_use, replay
 from gateway.config import Config
 from gateway.errors import GatewayError, UpstreamFailed
-from gateway.limits import Admission, Limiter, reservation_estimate
+from gateway.limits import Admission, Limiter, nothing_to_await, reservation_estimate
 from gateway.metrics import Metrics
 from gateway.routing import Router
 from gateway.usage import UsageRecord
@@ -47,6 +47,7 @@ class CallMeta(msgspec.Struct):
 
 
 _encode = msgspec.json.Encoder().encode
+T = TypeVar("T")
 
 
 def explain_json(meta: CallMeta) -> bytes:
@@ -166,7 +167,7 @@ class Pipeline:
         costs no tokens: it counts as a request and a cache hit. Sent when called, done when
         awaited (`Limiter.settle`)."""
         if self.limiter is None or admission is None:
-            return _nothing()
+            return nothing_to_await()
         hit = meta.cache == "hit"
         charged = None if hit else usage
         u = charged or Usage(0, 0)
@@ -197,6 +198,19 @@ class Pipeline:
             meta.cache = "miss"
         return found
 
+    async def _counted(self, req: ChatRequest, opening: Awaitable[T], meta_of: Callable[[T], CallMeta]) -> T:
+        """Await `opening`, counting the request: its error's status, or a 200."""
+        try:
+            out = await opening
+        except GatewayError as exc:
+            self._count(req.model, exc.status, exc.meta)
+            raise
+        except Exception:
+            self._count(req.model, 500, None)
+            raise
+        self._count(req.model, 200, meta_of(out))
+        return out
+
     async def complete(self, principal: Principal, req: ChatRequest, cache_control: str | None,
                        deliver: Callable[[ChatResult, CallMeta], Awaitable[None]]) -> None:
         """Answer `req` and hand the answer to `deliver` (which sends it to the client).
@@ -205,15 +219,8 @@ class Pipeline:
         client does not wait a store round trip for its answer, yet the settlement reaches
         Redis before the answer reaches the client, so the client's next request (to any
         gateway) finds its concurrency slot free and its usage counted."""
-        try:
-            result, meta, settling = await self._complete(principal, req, cache_control)
-        except GatewayError as exc:
-            self._count(req.model, exc.status, exc.meta)
-            raise
-        except Exception:
-            self._count(req.model, 500, None)
-            raise
-        self._count(req.model, 200, meta)
+        result, meta, settling = await self._counted(
+            req, self._complete(principal, req, cache_control), lambda out: out[1])
         try:
             await deliver(result, meta)
         finally:
@@ -224,6 +231,7 @@ class Pipeline:
         meta = self._start(principal, req)
         admission = await self.admit(principal, req, meta)
         fill: CacheFill | None = None
+        error: str | None = "gateway_error"  # settled here when the call fails
         try:
             found = await self._cache_lookup(principal, req, meta, cache_control)
             if isinstance(found, ChatResult):
@@ -233,43 +241,28 @@ class Pipeline:
                 result = await self.router.complete(req, meta)
                 if fill is not None:
                     await fill.put(result, self.cache_ttl(req.model))
+            error = None
         except UpstreamError as exc:
-            await self._abandon(fill)
-            await self.settle(principal, req, meta, admission, None, exc.code)
+            error = exc.code
             failed = UpstreamFailed(exc)
             failed.meta = meta
             raise failed from None
         except GatewayError as exc:
-            await self._abandon(fill)
-            await self.settle(principal, req, meta, admission, None, exc.code)
+            error = exc.code
             exc.meta = meta
             raise
-        except BaseException:
-            await self._abandon(fill)
-            await self.settle(principal, req, meta, admission, None, "gateway_error")
-            raise
-        await self._abandon(fill)
+        finally:
+            if fill is not None:
+                await fill.abandon()
+            if error is not None:
+                await self.settle(principal, req, meta, admission, None, error)
         usage = None if meta.cache == "hit" else result.usage
         return result, meta, self.settle(principal, req, meta, admission, usage, None)
-
-    @staticmethod
-    async def _abandon(fill: CacheFill | None) -> None:
-        if fill is not None:
-            await fill.abandon()
 
     async def open_stream(self, principal: Principal, req: ChatRequest,
                           cache_control: str | None = None) -> StreamCall:
         """Counted as a 200 once the first chunk is in; a later failure is an upstream error."""
-        try:
-            call = await self._open_stream(principal, req, cache_control)
-        except GatewayError as exc:
-            self._count(req.model, exc.status, exc.meta)
-            raise
-        except Exception:
-            self._count(req.model, 500, None)
-            raise
-        self._count(req.model, 200, call.meta)
-        return call
+        return await self._counted(req, self._open_stream(principal, req, cache_control), lambda call: call.meta)
 
     async def _open_stream(self, principal: Principal, req: ChatRequest,
                            cache_control: str | None) -> StreamCall:
@@ -296,6 +289,3 @@ class Pipeline:
             raise
         return StreamCall(self, principal, req, meta, first, rest, admission, fill)
 
-
-async def _nothing() -> None:
-    return None
