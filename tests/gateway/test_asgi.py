@@ -55,3 +55,30 @@ def test_events_apart_in_time_leave_apart() -> None:
     bodies = [m["body"] for m in sent[1:]]
     assert bodies == [b"a;", b"b;c;", b"d;", b""]
     assert [m["more_body"] for m in sent[1:]] == [True, True, True, False]
+
+
+def test_a_client_gone_mid_wait_stops_the_stream_and_closes_the_events() -> None:
+    closed = asyncio.Event()
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def hangs_up() -> dict[str, Any]:
+        await asyncio.sleep(0.05)
+        return {"type": "http.disconnect"}
+
+    async def slow_upstream() -> AsyncIterator[bytes]:
+        try:
+            yield b"a;"
+            await asyncio.sleep(30)  # the next token never comes before the client leaves
+            yield b"b;"
+        finally:
+            closed.set()
+
+    async def main() -> bool:
+        return await asyncio.wait_for(stream_response(send, hangs_up, 200, [], slow_upstream()), 5)
+
+    assert asyncio.run(main()) is False
+    assert closed.is_set()
+    assert [m.get("body") for m in sent[1:]] == [b"a;"]
