@@ -61,7 +61,10 @@ class StreamCall:
     """An open stream whose first chunk has already arrived (so failover is over).
 
     Iterate it for the chunks; it settles usage exactly once, when the stream ends, fails or
-    is closed early (client gone): what was produced is what is billed.
+    is closed early (client gone): what was produced is what is billed. The settlement is sent
+    to the store then, before the dialect writes its last events, and awaited by `settled()`
+    after they are gone (as `Pipeline.complete` does): the stream's end does not wait a store
+    round trip, yet the client's next request finds its slot free and its usage counted.
     """
 
     def __init__(self, pipeline: Pipeline, principal: Principal, req: ChatRequest, meta: CallMeta,
@@ -80,6 +83,7 @@ class StreamCall:
         self._finish: str | None = None
         self._fill = fill  # this stream fills the cache entry for its request
         self._settled = False
+        self._settling: Awaitable[None] | None = None
 
     async def __aiter__(self) -> AsyncIterator[ChatChunk]:
         try:
@@ -104,6 +108,7 @@ class StreamCall:
         return chunk
 
     async def aclose(self) -> None:
+        """Close the upstream stream and send the settlement (`settled()` awaits it)."""
         if self._settled:
             return
         self._settled = True
@@ -116,8 +121,16 @@ class StreamCall:
                 await self._fill.put(ChatResult("".join(self._produced), self._finish, usage),
                                      self._pipeline.cache_ttl(self._req.model))
             await self._fill.abandon()
-        await self._pipeline.settle(self._principal, self._req, self.meta, self._admission,
-                                    usage, self._error)
+        self._settling = self._pipeline.settle(self._principal, self._req, self.meta,
+                                               self._admission, usage, self._error)
+
+    async def settled(self) -> None:
+        """Close the call if the stream did not, then wait for its settlement to be done. The
+        dialect awaits this once the stream's last bytes are sent (or the client is gone)."""
+        await self.aclose()
+        settling, self._settling = self._settling, None
+        if settling is not None:
+            await settling
 
 
 class Pipeline:

@@ -209,8 +209,11 @@ class BaiduDoor:
             await send_response(send, 200, error_body(BaiduFault(336000), rid),
                                 [JSON, (b"x-baidu-request-id", rid.encode())])
             return
-        await stream_response(send, receive, 200, [*SSE, *meta_headers(call.meta)],
-                              encode_stream(req, call.__aiter__(), rid, created))
+        try:
+            await stream_response(send, receive, 200, [*SSE, *meta_headers(call.meta)],
+                                  encode_stream(req, call.__aiter__(), rid, created))
+        finally:
+            await call.settled()
 
     async def _authenticate(self, scope: Scope, path: str) -> Principal:
         query = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)

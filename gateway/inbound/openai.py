@@ -256,8 +256,12 @@ class OpenAIDoor:
             cid = completion_id(req.is_chat)
             if req.stream:
                 call = await self.pipeline.open_stream(principal, req, header(scope, b"cache-control"))
-                events = encode_stream(req, call.__aiter__(), cid, include_usage)
-                await stream_response(send, receive, 200, [*SSE, *meta_headers(call.meta, echo, explain)], events)
+                try:
+                    events = encode_stream(req, call.__aiter__(), cid, include_usage)
+                    await stream_response(send, receive, 200, [*SSE, *meta_headers(call.meta, echo, explain)],
+                                          events)
+                finally:
+                    await call.settled()
                 return
 
             def deliver(result: ChatResult, meta: CallMeta) -> Awaitable[None]:
