@@ -7,6 +7,13 @@ have been sent). Only requests that complete inside the measurement window
 (after warm-up) are counted. Reports requests/s, latency p50/p90/p99/max,
 errors and, with --stream, time to first body byte (TTFB) and SSE events.
 
+`--rate R` makes it open-loop instead: requests start on a fixed schedule, one every 1/R s
+(launched in batches when the event loop's timer is coarser than that), whatever the answers
+do, with at most `--concurrency` connections; each latency is measured from the request's
+scheduled start, so a server (or client) that falls behind shows it in the latencies rather
+than in a lower send rate (no coordinated omission). A closed loop at saturation measures
+the queue it builds; an open loop below saturation measures the latency a steady load sees.
+
 `--dialect baidu` sends Baidu wenxinworkshop chat bodies instead (the URL carries
 `?access_token=`): a success is a JSON body with `result` and no `error_code`, a stream
 ends with an `"is_end":true` event.
@@ -97,8 +104,9 @@ async def run(args):
     t_end = t_warm + args.duration
     last_done = t_warm
 
-    async def one(session):
-        t0 = time.perf_counter()
+    async def one(session, t0=None):
+        if t0 is None:
+            t0 = time.perf_counter()
         t_first = None
         err = None
         try:
@@ -123,27 +131,56 @@ async def run(args):
                 first_error.append(repr(e)[:300])
         return t0, t_first, time.perf_counter(), err, (data.count(b"data:") if args.stream and not err else 0)
 
+    def record(t0, t_first, t1, err, n_events):
+        nonlocal last_done
+        if t_warm <= t1 <= t_end:
+            last_done = max(last_done, t1)
+            if err:
+                errors[err] += 1
+            else:
+                lat.append(t1 - t0)
+                if t_first is not None:
+                    ttfb.append(t_first - t0)
+                    events.append(n_events)
+
     async def worker(session):
-        nonlocal sent, last_done
+        nonlocal sent
         while sent < args.requests and time.perf_counter() < t_end:
             sent += 1
-            t0, t_first, t1, err, n_events = await one(session)
-            if t_warm <= t1 <= t_end:
-                last_done = max(last_done, t1)
-                if err:
-                    errors[err] += 1
-                else:
-                    lat.append(t1 - t0)
-                    if t_first is not None:
-                        ttfb.append(t_first - t0)
-                        events.append(n_events)
+            record(*await one(session))
+
+    async def scheduled(session, due):
+        record(*await one(session, due))
+
+    async def open_loop(session):
+        nonlocal sent
+        interval = 1.0 / args.rate
+        running = set()
+        k = 0
+        while sent < args.requests:
+            due = t_start + k * interval
+            if due >= t_end:
+                break
+            wait = due - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            sent += 1
+            k += 1
+            task = asyncio.ensure_future(scheduled(session, due))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        if running:
+            await asyncio.wait(running, timeout=args.timeout + 5)
 
     connector = aiohttp.TCPConnector(limit=args.concurrency, limit_per_host=args.concurrency,
                                      ttl_dns_cache=300)
     timeout = aiohttp.ClientTimeout(total=args.timeout)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout,
                                      auto_decompress=False) as session:
-        await asyncio.gather(*(worker(session) for _ in range(args.concurrency)))
+        if args.rate:
+            await open_loop(session)
+        else:
+            await asyncio.gather(*(worker(session) for _ in range(args.concurrency)))
 
     # window ends at t_end, or earlier when --requests ran out first
     window = max(1e-9, (t_end if sent < args.requests else last_done) - t_warm)
@@ -151,7 +188,7 @@ async def run(args):
     ttfb.sort()
     ms = lambda v: None if v is None else round(v * 1000.0, 3)  # noqa: E731
     result = {
-        "url": args.url, "stream": args.stream, "concurrency": args.concurrency,
+        "url": args.url, "stream": args.stream, "concurrency": args.concurrency, "rate": args.rate,
         "duration_s": round(window, 3), "sent": sent, "ok": len(lat),
         "errors": sum(errors.values()),
         "error_kinds": dict(errors), "rps": round(len(lat) / window, 1),
@@ -171,7 +208,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", default="http://127.0.0.1:9000/v1/chat/completions",
                    help="full chat completions URL (loopback only)")
-    p.add_argument("-c", "--concurrency", type=int, default=1)
+    p.add_argument("-c", "--concurrency", type=int, default=1,
+                   help="closed loop: clients sending back to back; with --rate: most connections")
+    p.add_argument("-r", "--rate", type=float, default=0.0,
+                   help="open loop: start this many requests per second on a fixed schedule")
     p.add_argument("-d", "--duration", type=float, default=10.0, help="measured seconds")
     p.add_argument("-w", "--warmup", type=float, default=2.0, help="unmeasured seconds first")
     p.add_argument("-n", "--requests", type=int, default=MAX_REQUESTS,
@@ -191,6 +231,8 @@ def main():
     args = p.parse_args()
     check_loopback(args.url)
     args.extra_headers = parse_headers(args.header)
+    if not 0 <= args.rate <= 100_000:
+        sys.exit("rate must be in [0, 100000] requests/s")
     if not (0 < args.duration <= 3600 and 0 <= args.warmup <= 600):
         sys.exit("duration must be in (0, 3600] s and warm-up in [0, 600] s")
     args.requests = min(args.requests, MAX_REQUESTS)
@@ -206,7 +248,8 @@ def main():
     if args.json:
         print(json.dumps(res))
         return
-    print(f"{res['url']}  stream={res['stream']}  c={res['concurrency']}  "
+    load = f"rate={args.rate:g}/s (c<={res['concurrency']})" if args.rate else f"c={res['concurrency']}"
+    print(f"{res['url']}  stream={res['stream']}  {load}  "
           f"{res['duration_s']}s  ok={res['ok']}  errors={res['errors']} {res['error_kinds'] or ''}")
     print(f"  rps={res['rps']}  p50={res['p50_ms']}ms  p90={res['p90_ms']}ms  "
           f"p99={res['p99_ms']}ms  max={res['max_ms']}ms")

@@ -67,14 +67,21 @@ DEFAULT_SCENARIOS = "nonstream-c1,nonstream-c32,stream-c1,stream-c16,baidu-c32"
 
 # ---------- scenarios and targets ----------
 
+OPEN_LOOP_CONNECTIONS = 64  # the most connections an open-loop (-rN) scenario may open
+
+
 def parse_scenario(s: str) -> dict[str, Any]:
-    m = re.fullmatch(r"(baidu-)?(non)?(stream-)?c(\d+)", s)
-    if not m or (not m.group(1) and not m.group(3)):
-        sys.exit(f"bad scenario {s!r}: use nonstream-cN, stream-cN, baidu-cN or baidu-stream-cN")
+    """nonstream-c32: 32 clients back to back (closed loop); stream-r2000: 2,000 requests
+    per second on a fixed schedule (open loop), whatever the answers do."""
+    m = re.fullmatch(r"(baidu-)?(non)?(stream-)?([cr])(\d+)", s)
+    if not m or (not m.group(1) and not m.group(3)) or int(m.group(5)) < 1:
+        sys.exit(f"bad scenario {s!r}: use nonstream-cN, stream-cN, baidu-cN or baidu-stream-cN "
+                 "(or -rN instead of -cN: N requests/s, open loop)")
     baidu = m.group(1) is not None
     stream = m.group(3) is not None and m.group(2) is None
+    rate = int(m.group(5)) if m.group(4) == "r" else 0
     return {"name": s, "dialect": "baidu" if baidu else "openai", "stream": stream,
-            "concurrency": int(m.group(4))}
+            "concurrency": OPEN_LOOP_CONNECTIONS if rate else int(m.group(5)), "rate": rate}
 
 
 class Target:
@@ -284,6 +291,8 @@ def run_loadgen(args: argparse.Namespace, t: Target, sc: dict[str, Any], mock: S
            "--model", args.model, "--api-key", args.api_key]
     if sc["stream"]:
         cmd.append("--stream")
+    if sc["rate"]:
+        cmd += ["--rate", str(sc["rate"])]
     for h in t.headers:
         cmd += ["-H", h]
     if args.pin:
