@@ -61,6 +61,11 @@ class ChatRequest(msgspec.Struct, omit_defaults=True):
     def is_chat(self) -> bool:
         return self.prompt is None
 
+    @property
+    def wants_function_calls(self) -> bool:
+        """The client offered tools (OpenAI `tools`, in `extra`) and did not rule calls out."""
+        return bool(self.extra.get("tools")) and self.extra.get("tool_choice") != "none"
+
 
 class Usage(msgspec.Struct):
     prompt_tokens: int = 0
@@ -73,20 +78,26 @@ class Usage(msgspec.Struct):
 
 
 class ChatResult(msgspec.Struct):
+    """A whole answer. `tool_calls` are the model's function calls in OpenAI's shape
+    (`{"id", "type": "function", "function": {"name", "arguments"}}`), kept as the backend sent them."""
+
     text: str
     finish_reason: str = "stop"
     usage: Usage = msgspec.field(default_factory=Usage)
     id: str = ""
     model: str = ""
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChunk(msgspec.Struct, omit_defaults=True):
     """A piece of a streamed answer. The last chunk of a stream carries `finish_reason`
-    and, where the adapter knows it, `usage`."""
+    and, where the adapter knows it, `usage`. `tool_calls` are function-call deltas in OpenAI's
+    streaming shape (`{"index", "id"?, "type"?, "function": {"name"?, "arguments"}}`)."""
 
     text: str = ""
     finish_reason: str | None = None
     usage: Usage | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class UpstreamError(Exception):

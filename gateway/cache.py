@@ -47,8 +47,12 @@ def cache_use(cfg: CacheConfig | None, req: ChatRequest, cache_control: str | No
 
 
 async def replay(result: ChatResult) -> AsyncIterator[ChatChunk]:
-    """A cached answer as a stream: its text, then the end with finish reason and usage."""
-    if result.text:
+    """A cached answer as a stream: its text (and function calls), then the end with finish
+    reason and usage."""
+    if result.tool_calls:
+        calls = [{"index": i, **call} for i, call in enumerate(result.tool_calls)]
+        yield ChatChunk(text=result.text, tool_calls=calls)
+    elif result.text:
         yield ChatChunk(text=result.text)
     yield ChatChunk(finish_reason=result.finish_reason, usage=result.usage)
 

@@ -84,6 +84,7 @@ class StreamCall:
         self._fill = fill  # this stream fills the cache entry for its request
         self._settled = False
         self._settling: Awaitable[None] | None = None
+        self._calls = False  # function-call deltas went by: the text alone is not the answer
 
     async def __aiter__(self) -> AsyncIterator[ChatChunk]:
         try:
@@ -103,6 +104,8 @@ class StreamCall:
             self._produced.append(chunk.text)
         if chunk.usage is not None:
             self._usage = chunk.usage
+        if chunk.tool_calls:
+            self._calls = True
         if chunk.finish_reason is not None:
             self._finish = chunk.finish_reason
         return chunk
@@ -117,7 +120,8 @@ class StreamCall:
         usage = self._usage or Usage(estimate_prompt_tokens(self._req),
                                      estimate_tokens("".join(self._produced)), "estimated")
         if self._fill is not None:
-            if self._error is None and self._finish is not None:
+            # a streamed function call comes in pieces: such an answer is not cached
+            if self._error is None and self._finish is not None and not self._calls:
                 await self._fill.put(ChatResult("".join(self._produced), self._finish, usage),
                                      self._pipeline.cache_ttl(self._req.model))
             await self._fill.abandon()

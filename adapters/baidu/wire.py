@@ -215,6 +215,9 @@ def _penalty(req: ChatRequest, extra: dict[str, Any]) -> float | None:
 def to_baidu(req: ChatRequest, *, max_input_chars: int = 4800, trim_history: bool = False) -> BaiduChatRequest:
     """The Baidu body for a normalised request (raises `UpstreamBadRequest` on what Baidu would
     refuse and we must not silently change)."""
+    if req.wants_function_calls:
+        raise UpstreamBadRequest("tools: this Baidu backend (llama_3_8b) has no function calling; "
+                                 "send no tools (or tool_choice \"none\"), or use a model routed to vLLM")
     extra = {k: v for k, v in req.extra.items() if k in _EXTRA_KEYS}
     top_k = req.top_k if req.top_k is not None else extra.get("top_k")
     return BaiduChatRequest(

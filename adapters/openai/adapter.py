@@ -146,8 +146,11 @@ class OpenAIAdapter:
                 f"backend {self.name} sent no choices: {_error_message(data, raw)}")
         choice = data.choices[0]
         text = (choice.message.content if choice.message else choice.text) or ""
+        calls = choice.message.tool_calls if choice.message else None
+        produced = text + "".join((c.get("function") or {}).get("arguments") or "" for c in calls or ())
         return ChatResult(text=text, finish_reason=choice.finish_reason or "stop",
-                          usage=self._usage(data, req, text), id=data.id, model=data.model)
+                          usage=self._usage(data, req, produced), id=data.id, model=data.model,
+                          tool_calls=calls or None)
 
     def _usage(self, data: UpstreamResponse, req: ChatRequest, text: str) -> Usage:
         if data.usage is not None:
@@ -189,10 +192,14 @@ class OpenAIAdapter:
                     if data.usage is not None:
                         usage = Usage(data.usage.prompt_tokens, data.usage.completion_tokens, "reported")
                     for choice in data.choices[:1]:
-                        piece = choice.delta.content if choice.delta else choice.text
+                        delta = choice.delta
+                        piece = delta.content if delta else choice.text
                         if choice.finish_reason:
                             finish = choice.finish_reason
-                        if piece:
+                        if delta is not None and delta.tool_calls:
+                            produced.extend((c.get("function") or {}).get("arguments") or "" for c in delta.tool_calls)
+                            yield ChatChunk(text=piece or "", tool_calls=delta.tool_calls)
+                        elif piece:
                             produced.append(piece)
                             yield ChatChunk(text=piece)
             raise UpstreamProtocolError(f"backend {self.name} ended the stream without [DONE]")

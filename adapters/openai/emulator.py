@@ -1,7 +1,11 @@
 """A faithful fake of an OpenAI-compatible server (vLLM's wire format), as a raw ASGI app.
 
 Deterministic: the answer is "You said: " followed by the last user message (or the prompt),
-one token per whitespace-separated word, cut at `max_tokens` (finish_reason `length`).
+one token per whitespace-separated word, cut at `max_tokens` (finish_reason `length`). A chat
+request with `tools` and a `tool_choice` of "required" or a named function is answered, as
+vLLM does, with one call of that function (the first tool for "required") whose arguments are
+`{"text": <the last user message>}`, finish_reason `tool_calls`; streamed, the call's id and
+name come first and its arguments follow in pieces.
 Usage counts follow the same tokenizer: prompt tokens are the words of every message plus
 4 per message of chat framing. Faults are injected through the `EmulatorControl` object.
 """
@@ -9,6 +13,7 @@ Usage counts follow the same tokenizer: prompt tokens are the words of every mes
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from typing import Any
@@ -38,15 +43,30 @@ def prompt_tokens(body: dict[str, Any]) -> int:
     return count_tokens(prompt if isinstance(prompt, str) else " ".join(prompt))
 
 
+def forced_tool(body: dict[str, Any]) -> str | None:
+    """The function a chat request makes the model call, if it makes it call one."""
+    tools = body.get("tools") or []
+    choice = body.get("tool_choice")
+    if not tools or "messages" not in body:
+        return None
+    if isinstance(choice, dict):
+        return str((choice.get("function") or {}).get("name") or "") or None
+    if choice == "required":
+        return str(tools[0].get("function", {}).get("name", "")) or None
+    return None
+
+
+def _last_user(body: dict[str, Any]) -> str:
+    users = [m for m in body.get("messages", []) if m.get("role") == "user"]
+    content = users[-1].get("content") if users else ""
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content)
+    return str(content or "")
+
+
 def reply_tokens(body: dict[str, Any], filler: int = 0) -> list[str]:
     """The answer's tokens: each word with its leading space (the first without)."""
-    if "messages" in body:
-        users = [m for m in body["messages"] if m.get("role") == "user"]
-        content = users[-1].get("content") if users else ""
-        if isinstance(content, list):
-            content = "".join(p.get("text", "") for p in content)
-    else:
-        content = body.get("prompt", "")
+    content = _last_user(body) if "messages" in body else body.get("prompt", "")
     words = ["You", "said:", *str(content or "").split()]
     words += [f"w{i}" for i in range(filler)]
     return [w if i == 0 else " " + w for i, w in enumerate(words)]
@@ -156,19 +176,30 @@ async def _serve(ctl: EmulatorControl, body: dict[str, Any], chat: bool, receive
     if "messages" in body and not body["messages"]:
         await _respond(send, 400, _error("messages must not be empty", 400))
         return
+    tool = forced_tool(body) if chat else None
     tokens = reply_tokens(body, ctl.filler_tokens)
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
     finish = "stop"
-    if max_tokens is not None and len(tokens) > max_tokens:
+    call: dict[str, Any] | None = None
+    if tool is not None:
+        args = _json.encode({"text": _last_user(body)}).decode()
+        call = {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                "function": {"name": tool, "arguments": args}}
+        tokens, finish = [args], "tool_calls"  # counted as one token per word of the arguments
+    elif max_tokens is not None and len(tokens) > max_tokens:
         tokens, finish = tokens[:max_tokens], "length"
-    usage = {"prompt_tokens": prompt_tokens(body), "completion_tokens": len(tokens),
-             "total_tokens": prompt_tokens(body) + len(tokens)}
+    produced = count_tokens(tokens[0]) if call else len(tokens)
+    usage = {"prompt_tokens": prompt_tokens(body), "completion_tokens": produced,
+             "total_tokens": prompt_tokens(body) + produced}
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     model, created = body.get("model", "emulated-model"), int(time.time())
     if not body.get("stream"):
         text = "".join(tokens)
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if call is not None:
+                message = {"role": "assistant", "content": None, "tool_calls": [call]}
+            choice = {"index": 0, "message": message,
                       "logprobs": None, "finish_reason": finish, "stop_reason": None}
             obj = "chat.completion"
         else:
@@ -179,12 +210,12 @@ async def _serve(ctl: EmulatorControl, body: dict[str, Any], chat: bool, receive
             out["usage"] = usage
         await _respond(send, 200, _json.encode(out))
         return
-    await _stream(ctl, body, chat, tokens, finish, usage, rid, model, created, receive, send)
+    await _stream(ctl, body, chat, tokens, finish, usage, rid, model, created, receive, send, call)
 
 
 async def _stream(ctl: EmulatorControl, body: dict[str, Any], chat: bool, tokens: list[str], finish: str,
                   usage: dict[str, int], rid: str, model: str, created: int, receive: Any,
-                  send: Any) -> None:
+                  send: Any, call: dict[str, Any] | None = None) -> None:
     disconnected = asyncio.Event()
 
     async def watch() -> None:
@@ -195,10 +226,13 @@ async def _stream(ctl: EmulatorControl, body: dict[str, Any], chat: bool, tokens
     watcher = asyncio.ensure_future(watch())
     obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(piece: str | None, reason: str | None, role: bool = False) -> bytes:
+    def chunk(piece: str | None, reason: str | None, role: bool = False,
+              calls: list[dict[str, Any]] | None = None) -> bytes:
         if chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else (
                 {"content": piece} if piece is not None else {})
+            if calls is not None:
+                delta = {"tool_calls": calls}
             choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
         else:
             choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": reason}
@@ -209,7 +243,16 @@ async def _stream(ctl: EmulatorControl, body: dict[str, Any], chat: bool, tokens
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
         events = [chunk(None, None, role=True)] if chat else []
-        events += [chunk(t, None) for t in tokens]
+        if call is None:
+            events += [chunk(t, None) for t in tokens]
+        else:  # the call's id and name, then its arguments in three pieces
+            fn, args = call["function"], call["function"]["arguments"]
+            head = {"index": 0, "id": call["id"], "type": "function",
+                    "function": {"name": fn["name"], "arguments": ""}}
+            events.append(chunk(None, None, calls=[head]))
+            cut = [0, len(args) // 3, 2 * len(args) // 3, len(args)]
+            events += [chunk(None, None, calls=[{"index": 0, "function": {"arguments": args[a:b]}}])
+                       for a, b in itertools.pairwise(cut)]
         events.append(chunk(None, finish))
         opts = body.get("stream_options") or {}
         if opts.get("include_usage") and not ctl.omit_usage:

@@ -70,6 +70,7 @@ class ResponseMessage(msgspec.Struct):
     content: str | None
     role: str = "assistant"
     refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | msgspec.UnsetType = msgspec.UNSET  # left out when unset
 
 
 class Choice(msgspec.Struct):
@@ -91,6 +92,7 @@ class ChatCompletion(msgspec.Struct):
 class Delta(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChunkChoice(msgspec.Struct):
@@ -155,6 +157,7 @@ class ModelList(msgspec.Struct):
 
 class UpstreamMessage(msgspec.Struct):
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class UpstreamChoice(msgspec.Struct):

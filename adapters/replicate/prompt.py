@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from adapters.types import ChatRequest, Message
+from adapters.types import ChatRequest, Message, UpstreamBadRequest
 
 BEGIN_OF_TEXT = "<|begin_of_text|>"
 END_OF_TEXT = "<|end_of_text|>"
@@ -53,8 +53,14 @@ def _merge_stops(*groups: Iterable[str]) -> str | None:
     return ",".join(seen) if seen else None
 
 
+_FUNCTION_CALLING = ("tools", "tool_choice", "parallel_tool_calls")
+
+
 def to_replicate(req: ChatRequest, input_defaults: dict[str, Any]) -> dict[str, Any]:
     """The `input` object for a create-prediction request."""
+    if req.wants_function_calls:  # Replicate would drop the tools and answer in text
+        raise UpstreamBadRequest("tools: this Replicate backend (Llama 3 8B) has no function calling; "
+                                 "send no tools (or tool_choice \"none\"), or use a model routed to vLLM")
     inp: dict[str, Any] = dict(input_defaults)
     pinned = inp.get("stop_sequences")
     pinned_stops = pinned.split(",") if isinstance(pinned, str) else []
@@ -73,4 +79,6 @@ def to_replicate(req: ChatRequest, input_defaults: dict[str, Any]) -> dict[str, 
         if value is not None:
             inp[name] = value
     inp.update(req.extra)
+    for name in _FUNCTION_CALLING:  # tools ruled out by tool_choice "none" mean nothing here
+        inp.pop(name, None)
     return inp

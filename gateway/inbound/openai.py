@@ -146,11 +146,17 @@ def encode_result(req: ChatRequest, result: ChatResult, rid: str) -> bytes:
     if req.is_chat:
         return _encode(ChatCompletion(
             id=rid, created=created, model=req.model,
-            choices=[Choice(0, ResponseMessage(result.text), result.finish_reason)],
+            choices=[Choice(0, _message(result), result.finish_reason)],
             usage=_usage(result.usage)))
     return _encode(TextCompletion(
         id=rid, created=created, model=req.model,
         choices=[TextChoice(0, result.text, result.finish_reason)], usage=_usage(result.usage)))
+
+
+def _message(result: ChatResult) -> ResponseMessage:
+    if result.tool_calls:  # as OpenAI answers a function call: no text is null, not ""
+        return ResponseMessage(result.text or None, tool_calls=result.tool_calls)
+    return ResponseMessage(result.text)
 
 
 def error_body(err: GatewayError) -> bytes:
@@ -194,7 +200,12 @@ async def encode_stream(req: ChatRequest, chunks: AsyncIterator[ChatChunk], rid:
         async for chunk in chunks:
             if chunk.usage is not None:
                 usage = chunk.usage
-            if chunk.finish_reason:
+            if chunk.tool_calls and req.is_chat:
+                delta = Delta(content=chunk.text or None, tool_calls=chunk.tool_calls)
+                yield _sse(ChatCompletionChunk(rid, created, req.model, [ChunkChoice(0, delta)]))
+                if chunk.finish_reason:
+                    yield _sse(_chunk(req, rid, created, "", chunk.finish_reason))
+            elif chunk.finish_reason:
                 yield _sse(_chunk(req, rid, created, chunk.text, chunk.finish_reason))
             elif chunk.text:
                 yield head + _encode(chunk.text) + tail

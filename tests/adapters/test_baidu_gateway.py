@@ -316,3 +316,14 @@ def test_a_30_second_run_with_3_second_tokens_never_fails_and_fetches_about_once
     stale = sum(r.outcome in (110, 111) for r in app.received)
     assert stale <= 2 + app.token_calls // 4, stale  # refreshed ahead: Baidu rarely sees a lapsed token
     _assert_logs_clean(tmp, app, issued | set(app.tokens))
+
+
+def test_tools_are_refused_with_a_400_not_dropped(gateway: str, emu) -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    before = len(emu[1].received)
+    with pytest.raises(openai.BadRequestError) as err:
+        client(gateway).chat.completions.create(
+            model="llama-baidu", messages=[{"role": "user", "content": "hi"}], tools=tools,
+            tool_choice="required")
+    assert "function calling" in err.value.message
+    assert len(emu[1].received) == before  # nothing was sent to Baidu

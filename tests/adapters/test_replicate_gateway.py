@@ -226,3 +226,16 @@ def test_the_example_config_has_both_llama3_models_on_replicate() -> None:
                       env={"REPLICATE_API_TOKEN": "r8_x", "ALICE_KEY": "sk-a"})
     models = {b.model for b in cfg.backends.values() if b.__struct_config__.tag == "replicate"}
     assert models == {"meta/meta-llama-3-8b-instruct", "meta/meta-llama-3-8b"}
+
+
+def test_tools_are_refused_with_a_400_not_dropped(gateway: str, ctl: EmulatorControl) -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with pytest.raises(openai.BadRequestError) as err:
+        client(gateway).chat.completions.create(
+            model="llama-3-8b-instruct", messages=[{"role": "user", "content": "hi"}], tools=tools)
+    assert "function calling" in err.value.message
+    assert not ctl.jobs  # nothing was sent to Replicate
+    r = client(gateway).chat.completions.create(  # tool_choice "none": the tools are not needed
+        model="llama-3-8b-instruct", messages=[{"role": "user", "content": "hi"}], tools=tools,
+        tool_choice="none")
+    assert r.choices[0].message.content == "You said: hi"

@@ -57,6 +57,24 @@ def test_a_cached_answer_replays_as_a_stream() -> None:
     run(go())
 
 
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}
+
+
+def test_a_cached_function_call_keeps_its_calls_and_replays_them(engine: EngineFactory) -> None:
+    answer = ChatResult(text="", finish_reason="tool_calls", usage=Usage(9, 4), tool_calls=[CALL])
+
+    async def go() -> None:
+        cache = ResponseCache(engine())
+        key = cache.key("alice", "m", request("weather?"), False)
+        await cache.put(key, answer, ttl=10)
+        assert await ResponseCache(engine()).get(key) == answer
+        chunks = [c async for c in replay(answer)]
+        assert chunks[0].tool_calls == [{"index": 0, **CALL}]  # the streaming shape: with an index
+        assert chunks[-1].finish_reason == "tool_calls" and chunks[-1].usage == Usage(9, 4)
+
+    run(go())
+
+
 def test_entries_round_trip_and_expire(engine: EngineFactory) -> None:
     async def go() -> None:
         cache = ResponseCache(engine())

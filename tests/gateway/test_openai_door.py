@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from collections.abc import Iterator
 
@@ -278,3 +279,56 @@ keys: [{{name: a, key: {KEY}, user: a}}]
     assert r.status_code == 500
     assert r.json()["error"]["type"] == "server_error"
     assert "secret internals" not in r.text and "Traceback" not in r.text
+
+
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}}]
+
+
+def test_function_calls_come_back_whole(gateway: str, emulator: tuple[LoopbackServer, EmulatorControl]) -> None:
+    r = client(gateway).chat.completions.create(
+        model="llama-3-8b", messages=[{"role": "user", "content": "weather in Paris"}],
+        tools=WEATHER, tool_choice="required")
+    sent = emulator[1].requests[-1]
+    assert sent["tools"] == WEATHER and sent["tool_choice"] == "required"
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    (call,) = choice.message.tool_calls or []
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"text": "weather in Paris"}
+    # the backend's count passes through (the emulator counts the arguments' words)
+    assert r.usage is not None and r.usage.completion_tokens == len(call.function.arguments.split())
+
+
+def test_streamed_function_calls_arrive_in_pieces_that_add_up(gateway: str) -> None:
+    stream = client(gateway).chat.completions.create(
+        model="llama-3-8b", messages=[{"role": "user", "content": "weather in Oslo today"}],
+        tools=WEATHER, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        stream=True, stream_options={"include_usage": True})
+    ids, names, args, finish, usage, pieces = [], [], "", None, None, 0
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            for tc in choice.delta.tool_calls or []:
+                assert tc.index == 0
+                pieces += 1
+                ids += [tc.id] if tc.id else []
+                names += [tc.function.name] if tc.function and tc.function.name else []
+                args += (tc.function.arguments or "") if tc.function else ""
+            finish = choice.finish_reason or finish
+    assert pieces == 4  # the head (id, name) and three pieces of arguments, each forwarded
+    assert len(ids) == 1 and names == ["get_weather"]
+    assert json.loads(args) == {"text": "weather in Oslo today"}
+    assert finish == "tool_calls"
+    assert usage is not None and usage.completion_tokens == len(args.split())
+
+
+def test_without_a_forced_call_tools_still_get_a_text_answer(gateway: str) -> None:
+    r = client(gateway).chat.completions.create(
+        model="llama-3-8b", messages=[{"role": "user", "content": "hi"}], tools=WEATHER)
+    assert r.choices[0].message.tool_calls is None
+    assert r.choices[0].message.content == "You said: hi"
