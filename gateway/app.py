@@ -33,7 +33,7 @@ from gateway.inbound.baidu_codec import BaiduFault
 from gateway.inbound.baidu_codec import error_body as baidu_error_body
 from gateway.inbound.openai import OpenAIDoor, error_body
 from gateway.limits import Limiter
-from gateway.metrics import CONTENT_TYPE, Metrics, build_registry, render
+from gateway.metrics import CONTENT_TYPE, GatewayCollector, Metrics, build_registry, render, shared_from_env
 from gateway.pipeline import Pipeline
 from gateway.routing import BackendStats, Router
 from gateway.store import Store, open_store
@@ -81,7 +81,9 @@ class Gateway:
         self.cache = ResponseCache(self.store)
         self.ledger = UsageLedger(self.store)
         self.metrics = Metrics()  # survives reloads; read at scrape time through self.registry
-        self.registry = build_registry(self.metrics, self._metric_sources)
+        self.collector = GatewayCollector(self.metrics, self._metric_sources, shared_from_env())
+        self.registry = build_registry(self.collector)
+        self._publisher: asyncio.Task[None] | None = None
         self.routes = Routes(config, self.store, self.stats, self.limiter, self.cache, self.metrics)
         self._retired: set[asyncio.Task[None]] = set()
 
@@ -120,9 +122,19 @@ class Gateway:
         except ConfigError as exc:
             log.error("config reload refused, the previous config keeps serving: %s", exc)
 
+    def start(self) -> None:
+        self.routes.start()
+        shared = self.collector.shared
+        if shared is not None:  # one of `serve --workers N`: publish for whichever worker is scraped
+            self._publisher = asyncio.get_running_loop().create_task(shared.keep_publishing(self.collector))
+
     async def aclose(self) -> None:
         for task in list(self._retired):
             task.cancel()
+        if self._publisher is not None:
+            self._publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._publisher
         await self.routes.aclose()
         await self.limiter.aclose()  # lands the settlements still waiting for the store
         await self.store.aclose()
@@ -217,7 +229,7 @@ def create_app(config: Config, config_path: str | Path | None = None) -> Litesta
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
-        gw.routes.start()
+        gw.start()
         if config_path is not None and threading.current_thread() is threading.main_thread():
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(gw.reload_logged()))
         try:

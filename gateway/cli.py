@@ -35,10 +35,18 @@ def _serve(args: argparse.Namespace) -> int:
             "loop": "uvloop", "http": "httptools", "timeout_graceful_shutdown": 30,
             "proxy_headers": False, "server_header": False, "date_header": False}
     if workers > 1:
+        import shutil
+        import tempfile
+
         from uvicorn.supervisors import Multiprocess
+
+        from gateway.metrics import SHARED_DIR_ENV
 
         path = str(Path(args.config).resolve())
         os.environ[_CONFIG_ENV] = path
+        # every worker publishes its metrics here, so that a scrape of any worker sees them all
+        metrics_dir = tempfile.mkdtemp(prefix="llm-gateway-metrics-")
+        os.environ[SHARED_DIR_ENV] = metrics_dir
 
         class ReloadingSupervisor(Multiprocess):
             """SIGHUP reloads the config in every worker instead of restarting them, after
@@ -56,7 +64,10 @@ def _serve(args: argparse.Namespace) -> int:
                         os.kill(proc.process.pid, signal.SIGHUP)
 
         ucfg = uvicorn.Config("gateway.cli:app_factory", factory=True, workers=workers, **opts)
-        ReloadingSupervisor(ucfg, sockets=[ucfg.bind_socket()]).run()
+        try:
+            ReloadingSupervisor(ucfg, sockets=[ucfg.bind_socket()]).run()
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     else:
         from gateway.app import create_app
 

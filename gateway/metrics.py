@@ -6,13 +6,23 @@ pending settlements, cooldowns, in-flight calls), into samples when Prometheus s
 Each gateway owns its `CollectorRegistry`: nothing is registered at module level, so several
 apps in one process (tests) never share or clash.
 
-Every sample is per process: with `--workers N`, a scrape reaches one worker.
+With `--workers N` a scrape reaches one worker, yet answers for all of them: each worker
+publishes its numbers to a folder the parent made (`LLM_GATEWAY_METRICS_DIR`) every second and
+when scraped, and the scraped one adds up every worker's file. Counters of a worker that exited
+stay in the sum (counters never go down); its gauges leave it once its file is 10 s old. The
+process_* samples are the scraped worker's own.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import os
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -24,6 +34,8 @@ if TYPE_CHECKING:
     from gateway.pipeline import CallMeta
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+SHARED_DIR_ENV = "LLM_GATEWAY_METRICS_DIR"
+GAUGES_FRESH_FOR = 10.0  # seconds a worker's file counts for gauges (it rewrites it every second)
 
 
 class Metrics:
@@ -60,67 +72,140 @@ class Metrics:
 
 
 class GatewayCollector(Collector):
-    """Samples for one gateway; `source()` returns what to read (it changes on reload)."""
+    """Samples for one gateway; `source()` returns what to read (it changes on reload).
+    With `shared`, the samples are the sum over every worker's published numbers."""
 
-    def __init__(self, metrics: Metrics, source: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, metrics: Metrics, source: Callable[[], dict[str, Any]],
+                 shared: SharedMetrics | None = None) -> None:
         self.metrics = metrics
         self.source = source
+        self.shared = shared
+
+    def snapshot(self) -> dict[str, Any]:
+        """This process's numbers, in a form that adds up across workers (JSON-safe)."""
+        m, src = self.metrics, self.source()
+        limiter, stats = src["limiter"], src["stats"]
+        return {
+            "requests": [[d, a, s, n] for (d, a, s), n in list(m.requests.items())],
+            "attempts": [[b, n] for b, n in list(m.attempts.items())],
+            "upstream_errors": [[b, c, n] for (b, c), n in list(m.upstream_errors.items())],
+            "cache": [[a, r, n] for (a, r), n in list(m.cache.items())],
+            "store_errors": {feature: getattr(obj, "store_errors", 0) if obj is not None else 0
+                             for feature, obj in (("limits", limiter), ("cache", src["cache"]))},
+            "pending": limiter.pending if limiter is not None else 0,
+            "in_flight": {b: s.in_flight for b, s in list(stats.items())},
+        }
+
+    def publish(self) -> None:
+        if self.shared is not None:
+            self.shared.write(self.snapshot())
 
     def collect(self) -> Iterator[Metric]:
-        m = self.metrics
-        requests = CounterMetricFamily("gateway_requests", "Chat requests by inbound door, model alias and "
-                                       "outcome status (the OpenAI status; the Baidu door's error bodies "
-                                       "travel in HTTP 200)", labels=["door", "alias", "status"])
-        for (door, alias, status), n in list(m.requests.items()):
-            requests.add_metric([door, alias, str(status)], n)
-        yield requests
-        attempts = CounterMetricFamily("gateway_upstream_attempts", "Calls to a backend (retries and "
-                                       "fallbacks count once each)", labels=["backend"])
-        for backend, n in list(m.attempts.items()):
-            attempts.add_metric([backend], n)
-        yield attempts
-        errors = CounterMetricFamily("gateway_upstream_errors", "Failed backend calls by error code, "
-                                     "including streams cut after their first chunk", labels=["backend", "code"])
-        for (backend, code), n in list(m.upstream_errors.items()):
-            errors.add_metric([backend, code], n)
-        yield errors
-        cache = CounterMetricFamily("gateway_cache", "Response cache outcome of requests to aliases that "
-                                    "cache: hit, miss, or bypass (not cacheable, or Cache-Control: no-store)",
-                                    labels=["alias", "result"])
-        for (alias, result), n in list(m.cache.items()):
-            cache.add_metric([alias, result], n)
-        yield cache
-
-        src = self.source()
-        store_errors = CounterMetricFamily(
-            "gateway_store_errors", "Store calls that failed or timed out, by feature: limits = admission "
-            "(rate limits and quotas, one script), settlement and usage records, slot refresh; "
-            "cache = response cache reads, writes and fill locks", labels=["feature"])
-        for feature, obj in (("limits", src["limiter"]), ("cache", src["cache"])):
-            store_errors.add_metric([feature], getattr(obj, "store_errors", 0) if obj is not None else 0)
-        yield store_errors
-        limiter = src["limiter"]
+        own = self.snapshot()
+        counted, gauged = [own], [own]
+        if self.shared is not None:
+            self.shared.write(own)
+            for snap, fresh in self.shared.others():
+                counted.append(snap)
+                if fresh:
+                    gauged.append(snap)
+        yield from _counters(counted)
+        yield GaugeMetricFamily("gateway_workers", "Worker processes whose gauges are in these samples "
+                                "(1 without --workers)", value=len(gauged))
         yield GaugeMetricFamily("gateway_pending_settlements", "Usage settlements waiting for the store",
-                                value=limiter.pending if limiter is not None else 0)
+                                value=sum(s["pending"] for s in gauged))
+        src = self.source()
         cooling = GaugeMetricFamily("gateway_backend_cooldown", "1 while a backend is in cooldown "
-                                    "(skipped by routing)", labels=["backend"])
-        in_flight = GaugeMetricFamily("gateway_backend_in_flight", "Calls open to a backend in this process",
+                                    "(skipped by routing; shared by every worker through the store)",
+                                    labels=["backend"])
+        in_flight = GaugeMetricFamily("gateway_backend_in_flight", "Calls open to a backend",
                                       labels=["backend"])
-        cooldowns, stats = src["cooldowns"], src["stats"]
+        cooldowns = src["cooldowns"]
         for backend in src["backends"]:
             cooling.add_metric([backend], 1 if cooldowns.cooling(backend) else 0)
-            s = stats.get(backend)
-            in_flight.add_metric([backend], s.in_flight if s is not None else 0)
+            in_flight.add_metric([backend], sum(s["in_flight"].get(backend, 0) for s in gauged))
         yield cooling
         yield in_flight
 
 
-def build_registry(metrics: Metrics, source: Callable[[], dict[str, Any]]) -> CollectorRegistry:
+def _counters(snaps: list[dict[str, Any]]) -> Iterator[Metric]:
+    def total(field: str) -> defaultdict[tuple[Any, ...], int]:
+        out: defaultdict[tuple[Any, ...], int] = defaultdict(int)
+        for snap in snaps:
+            for *labels, n in snap[field]:
+                out[tuple(labels)] += n
+        return out
+
+    families = (
+        ("requests", "gateway_requests", "Chat requests by inbound door, model alias and outcome status "
+         "(the OpenAI status; the Baidu door's error bodies travel in HTTP 200)", ["door", "alias", "status"]),
+        ("attempts", "gateway_upstream_attempts", "Calls to a backend (retries and fallbacks count once each)",
+         ["backend"]),
+        ("upstream_errors", "gateway_upstream_errors", "Failed backend calls by error code, including streams "
+         "cut after their first chunk", ["backend", "code"]),
+        ("cache", "gateway_cache", "Response cache outcome of requests to aliases that cache: hit, miss, or "
+         "bypass (not cacheable, or Cache-Control: no-store)", ["alias", "result"]),
+    )
+    for field, name, doc, labels in families:
+        family = CounterMetricFamily(name, doc, labels=labels)
+        for key, n in total(field).items():
+            family.add_metric([str(v) for v in key], n)
+        yield family
+    store_errors = CounterMetricFamily(
+        "gateway_store_errors", "Store calls that failed or timed out, by feature: limits = admission "
+        "(rate limits and quotas, one script), settlement and usage records, slot refresh; "
+        "cache = response cache reads, writes and fill locks", labels=["feature"])
+    for feature in ("limits", "cache"):
+        store_errors.add_metric([feature], sum(s["store_errors"].get(feature, 0) for s in snaps))
+    yield store_errors
+
+
+class SharedMetrics:
+    """The folder where every worker of one `serve --workers N` publishes its numbers."""
+
+    def __init__(self, folder: str | Path, name: str | None = None) -> None:
+        self.folder = Path(folder)
+        self.own = self.folder / f"{name or os.getpid()}.json"
+
+    def write(self, snap: dict[str, Any]) -> None:
+        tmp = self.own.with_suffix(".tmp")
+        with contextlib.suppress(OSError):  # metrics must never fail a worker
+            tmp.write_bytes(json.dumps(snap).encode())
+            os.replace(tmp, self.own)
+
+    def others(self) -> Iterator[tuple[dict[str, Any], bool]]:
+        """(snapshot, fresh enough for gauges) of every other worker, live or gone."""
+        now = time.time()
+        for path in self.folder.glob("*.json"):
+            if path == self.own:
+                continue
+            try:
+                age = now - path.stat().st_mtime
+                snap = json.loads(path.read_bytes())
+            except (OSError, ValueError):
+                continue  # a worker replacing its file right now, or one that is gone
+            yield snap, age < GAUGES_FRESH_FOR
+
+    async def keep_publishing(self, collector: GatewayCollector, period: float = 1.0) -> None:
+        try:
+            while True:
+                collector.publish()
+                await asyncio.sleep(period)
+        finally:
+            collector.publish()  # the last numbers of a worker that stops
+
+
+def build_registry(collector: GatewayCollector) -> CollectorRegistry:
     """A registry of its own (never the global one): the gateway's samples and process stats."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(GatewayCollector(metrics, source))
+    registry.register(collector)
     ProcessCollector(registry=registry)
     return registry
+
+
+def shared_from_env() -> SharedMetrics | None:
+    folder = os.environ.get(SHARED_DIR_ENV)
+    return SharedMetrics(folder) if folder and os.path.isdir(folder) else None
 
 
 def render(registry: CollectorRegistry) -> bytes:

@@ -4,15 +4,20 @@ Also: the Baidu door honours the client's Cache-Control like the OpenAI door."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import EmulatedUpstream, RedisServer, free_port, start_gateway
+from gateway.cooldown import Cooldowns
+from gateway.metrics import GatewayCollector, Metrics, SharedMetrics
+from gateway.routing import BackendStats
+from tests.support import EmulatedUpstream, RedisServer, free_port, gateway_process, start_gateway, write_config
 
 KEY = "sk-metrics"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -183,3 +188,62 @@ def test_store_errors_and_pending_settlements_show_up_while_the_store_is_down(
     assert value(during, "gateway_store_errors_total", feature="limits") >= 2  # admission and settlement
     assert value(during, "gateway_store_errors_total", feature="cache") >= 1
     assert value(during, "gateway_pending_settlements") >= 1
+
+
+def test_with_two_workers_any_scrape_counts_both(upstreams: tuple[EmulatedUpstream, EmulatedUpstream],
+                                                 tmp_path: Path) -> None:
+    path = write_config(tmp_path, config_text(*upstreams))
+    with gateway_process(path, workers=2) as url:
+        deadline = time.monotonic() + 10
+        while value(scrape(url), "gateway_workers") < 2:  # both up and publishing
+            assert time.monotonic() < deadline, "the second worker never published its metrics"
+            time.sleep(0.2)
+        for _ in range(30):  # a new connection each: the two workers share them out
+            r = chat(url, "echo")
+            assert r.status_code == 200
+        time.sleep(1.5)  # every worker has republished since
+        for _ in range(8):  # each scrape (a new connection) lands on one worker or the other
+            samples = scrape(url)
+            assert value(samples, "gateway_workers") == 2
+            assert value(samples, "gateway_requests_total", door="openai", alias="echo", status="200") == 30
+            assert value(samples, "gateway_upstream_attempts_total", backend="vllm") == 30
+
+
+def test_workers_numbers_add_up_and_a_gone_workers_gauges_leave(tmp_path: Path) -> None:
+    """Two workers' collectors over one folder (which worker a scrape reaches is the kernel's
+    choice, so the sums are checked here, where both sides are known)."""
+
+    class Limiter:
+        store_errors, pending = 0, 0
+
+    def worker(name: str) -> tuple[Metrics, GatewayCollector]:
+        m, limiter, stats = Metrics(), Limiter(), {"vllm": BackendStats()}
+        source = {"limiter": limiter, "cache": None, "stats": stats, "cooldowns": Cooldowns(None, {}),
+                  "backends": ["vllm"]}
+        return m, GatewayCollector(m, lambda: source, SharedMetrics(tmp_path, name))
+
+    (ma, a), (mb, b) = worker("a"), worker("b")
+    ma.requests[("openai", "echo", 200)] += 3
+    mb.requests[("openai", "echo", 200)] += 5
+    mb.requests[("baidu", "echo", 200)] += 1
+    b.source()["limiter"].pending = 2
+    b.source()["stats"]["vllm"].in_flight = 4
+    b.publish()
+
+    def sample(c: GatewayCollector, name: str, **labels: str) -> float:
+        for family in c.collect():
+            for s in family.samples:
+                if s.name == name and s.labels == labels:
+                    return s.value
+        return 0.0
+
+    assert sample(a, "gateway_requests_total", door="openai", alias="echo", status="200") == 8
+    assert sample(a, "gateway_requests_total", door="baidu", alias="echo", status="200") == 1
+    assert sample(b, "gateway_requests_total", door="openai", alias="echo", status="200") == 8  # a published
+    assert (sample(a, "gateway_workers"), sample(a, "gateway_pending_settlements"),
+            sample(a, "gateway_backend_in_flight", backend="vllm")) == (2, 2, 4)
+    old = time.time() - 60  # b stopped a minute ago: its counters stay, its gauges go
+    os.utime(tmp_path / "b.json", (old, old))
+    assert sample(a, "gateway_requests_total", door="openai", alias="echo", status="200") == 8
+    assert (sample(a, "gateway_workers"), sample(a, "gateway_pending_settlements"),
+            sample(a, "gateway_backend_in_flight", backend="vllm")) == (1, 0, 0)
