@@ -71,6 +71,8 @@ class ReplicateAdapter:
         self._auth = {"authorization": f"Bearer {cfg.api_token}"}
         if cfg.model is not None:
             self._create_url, self._version = f"{self._base}/v1/models/{cfg.model}/predictions", None
+        elif cfg.deployment is not None:
+            self._create_url, self._version = f"{self._base}/v1/deployments/{cfg.deployment}/predictions", None
         else:
             self._create_url, self._version = f"{self._base}/v1/predictions", cfg.version
         # A held create cannot be cancelled (its id is unknown until it answers), so the hold

@@ -30,6 +30,8 @@ class ReplicateBackend(BackendConfig, tag="replicate", kw_only=True):
     api_token: str
     model: str | None = None
     version: str | None = None
+    deployment: str | None = None
+    """owner/name of a Replicate deployment (the account's own hardware running a model)."""
     base_url: str = "https://api.replicate.com"
     """The API root without `/v1`."""
     wait_seconds: int = 60
@@ -43,10 +45,13 @@ class ReplicateBackend(BackendConfig, tag="replicate", kw_only=True):
     def __post_init__(self) -> None:
         if not self.api_token:
             raise ValueError("api_token is required (a Replicate API token, r8_...)")
-        if (self.model is None) == (self.version is None):
-            raise ValueError("give exactly one of model (owner/name) or version (owner/name:version_id)")
+        if sum(x is not None for x in (self.model, self.version, self.deployment)) != 1:
+            raise ValueError("give exactly one of model (owner/name), version (owner/name:version_id) "
+                             "or deployment (owner/name)")
         if self.model is not None and not _MODEL.match(self.model):
             raise ValueError(f"model: expected owner/name, got {self.model!r}")
+        if self.deployment is not None and not _MODEL.match(self.deployment):
+            raise ValueError(f"deployment: expected owner/name, got {self.deployment!r}")
         if self.version is not None and not _VERSION.match(self.version):
             raise ValueError(f"version: expected owner/name:<64 hex> or <64 hex>, got {self.version!r}")
         if not self.base_url.startswith(("http://", "https://")) or self.base_url.rstrip("/").endswith("/v1"):
@@ -60,8 +65,8 @@ class ReplicateBackend(BackendConfig, tag="replicate", kw_only=True):
 
     @property
     def target(self) -> str:
-        """The model or version this backend runs, for messages."""
-        return self.model or self.version or ""
+        """The model, version or deployment this backend runs, for messages."""
+        return self.model or self.version or (f"deployment {self.deployment}" if self.deployment else "")
 
     def __repr__(self) -> str:
         # Never let the token reach a log line through a repr of the config.

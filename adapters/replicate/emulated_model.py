@@ -114,6 +114,7 @@ class EmulatorControl:
         o = self._options
         self.api_token: str = o.get("api_token", DEFAULT_TOKEN)
         self.models: tuple[str, ...] = tuple(o.get("models", DEFAULT_MODELS))
+        self.deployments: dict[str, str] = dict(o.get("deployments", {}))  # owner/name -> model it runs
         self.cold_boot: float = o.get("cold_boot", 0.0)  # seconds in `starting`
         self.token_delay: float = o.get("token_delay", 0.002)  # seconds per output token
         self.sync_hold: float | None = o.get("sync_hold")  # cap on a `Prefer: wait` hold

@@ -2,10 +2,11 @@
 
 `create_emulator(**options)` returns a raw ASGI app (serve it with `LoopbackServer`) whose
 `control` attribute sets its behaviour, injects faults and records what it received. It
-speaks the wire format of ../shared/specs/replicate.md: bearer auth, both create paths,
-`Prefer: wait` (answering `starting`/`processing` when the job outlasts the wait), the status
-progression `starting` -> `processing` -> `succeeded`, `urls.get`/`urls.cancel`/`urls.stream`,
-SSE with `id:` lines, `metrics` with token counts, and RFC 7807 problem bodies.
+speaks the wire format of ../shared/specs/replicate.md: bearer auth, the three create paths
+(model, version, deployment), `Prefer: wait` (answering `starting`/`processing` when the job
+outlasts the wait), the status progression `starting` -> `processing` -> `succeeded`,
+`urls.get`/`urls.cancel`/`urls.stream`, SSE with `id:` lines, `metrics` with token counts, and
+RFC 7807 problem bodies.
 The fake model behind it (deterministic output, knobs, records) is in emulated_model.py.
 """
 
@@ -88,6 +89,13 @@ class ReplicateEmulator:
         if method == "POST" and len(parts) == 5 and parts[:2] == ["v1", "models"] \
                 and parts[4] == "predictions":
             await self._create(path, f"{parts[2]}/{parts[3]}", headers, body, base, send)
+        elif method == "POST" and len(parts) == 5 and parts[:2] == ["v1", "deployments"] \
+                and parts[4] == "predictions":
+            name = f"{parts[2]}/{parts[3]}"
+            model = self.control.deployments.get(name)
+            if model is None:
+                raise _HTTPError(404, f"Deployment {name} not found", "Not found")
+            await self._create(path, model, headers, body, base, send)
         elif method == "POST" and parts == ["v1", "predictions"]:
             await self._create(path, None, headers, body, base, send)
         elif method == "GET" and len(parts) == 3 and parts[:2] == ["v1", "predictions"]:
@@ -250,8 +258,9 @@ async def _respond(send: Any, status: int, body: bytes, headers: dict[str, str] 
 
 
 def create_emulator(**options: Any) -> ReplicateEmulator:
-    """Options are `EmulatorControl` attributes: api_token, models, cold_boot, token_delay,
-    sync_hold, reply, honour_stop_sequences, report_token_counts."""
+    """Options are `EmulatorControl` attributes: api_token, models, deployments (owner/name ->
+    the model it runs), cold_boot, token_delay, sync_hold, reply, honour_stop_sequences,
+    report_token_counts."""
     return ReplicateEmulator(**options)
 
 

@@ -402,6 +402,8 @@ def test_a_stream_cut_after_the_prediction_finished_still_delivers_everything(ur
 @pytest.mark.parametrize(("over", "message"), [
     ({"model": None}, "exactly one of model"),
     ({"version": f"{BASE}:{'a' * 64}"}, "exactly one of model"),
+    ({"deployment": "acme/llama-prod"}, "exactly one of model"),
+    ({"model": None, "deployment": "llama-prod"}, "deployment: expected owner/name"),
     ({"model": "llama"}, "owner/name"),
     ({"base_url": "https://api.replicate.com/v1"}, "without /v1"),
     ({"wait_seconds": 0}, "between 1 and 60"),

@@ -33,7 +33,7 @@ BABBLE = "Three, if they are small.<|end|>" + " and then the llama said hello" *
 
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[tuple[LoopbackServer, EmulatorControl]]:
-    app = create_emulator(token_delay=0.002)
+    app = create_emulator(token_delay=0.002, deployments={"acme/llama-prod": "meta/meta-llama-3-8b-instruct"})
     with LoopbackServer(app) as server:
         yield server, app.control
 
@@ -59,12 +59,16 @@ backends:
   rep-base:
     {{kind: replicate, api_token: {DEFAULT_TOKEN}, model: meta/meta-llama-3-8b, base_url: "{url}",
      wait_seconds: 5, timeout: {{connect: 1, read: 5, cold_boot: 0.3, generation: 5}}}}
+  rep-deploy:
+    {{kind: replicate, api_token: {DEFAULT_TOKEN}, deployment: acme/llama-prod, base_url: "{url}",
+     wait_seconds: 5, timeout: {{connect: 1, read: 5, cold_boot: 0.3, generation: 5}}}}
   rep-bad-token:
     {{kind: replicate, api_token: r8_not_the_token, model: meta/meta-llama-3-8b, base_url: "{url}"}}
 models:
   llama-3-8b-instruct: {{targets: [{{backend: rep-instruct}}]}}
   llama-3-8b: {{targets: [{{backend: rep-base}}]}}
   misconfigured: {{targets: [{{backend: rep-bad-token}}]}}
+  llama-prod: {{targets: [{{backend: rep-deploy}}]}}
 keys:
   - {{name: app, key: {KEY}, user: alice}}
 """
@@ -239,3 +243,14 @@ def test_tools_are_refused_with_a_400_not_dropped(gateway: str, ctl: EmulatorCon
         model="llama-3-8b-instruct", messages=[{"role": "user", "content": "hi"}], tools=tools,
         tool_choice="none")
     assert r.choices[0].message.content == "You said: hi"
+
+
+def test_a_deployment_is_called_on_its_own_path_whole_and_streamed(gateway: str, ctl: EmulatorControl) -> None:
+    r = client(gateway).chat.completions.create(
+        model="llama-prod", messages=[{"role": "user", "content": "hello deployment"}])
+    assert r.choices[0].message.content == "You said: hello deployment"
+    stream = client(gateway).chat.completions.create(
+        model="llama-prod", messages=[{"role": "user", "content": "and streamed"}], stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "You said: and streamed"
+    assert [c.path for c in ctl.creates] == ["/v1/deployments/acme/llama-prod/predictions"] * 2
+    assert all("version" not in c.body for c in ctl.creates)
