@@ -124,9 +124,8 @@ class Gateway:
 
     def start(self) -> None:
         self.routes.start()
-        shared = self.collector.shared
-        if shared is not None:  # one of `serve --workers N`: publish for whichever worker is scraped
-            self._publisher = asyncio.get_running_loop().create_task(shared.keep_publishing(self.collector))
+        if self.collector.shared is not None:  # one of `serve --workers N`: publish for whichever is scraped
+            self._publisher = asyncio.get_running_loop().create_task(self.collector.keep_publishing())
 
     async def aclose(self) -> None:
         for task in list(self._retired):

@@ -100,6 +100,15 @@ class GatewayCollector(Collector):
         if self.shared is not None:
             self.shared.write(self.snapshot())
 
+    async def keep_publishing(self, period: float = 1.0) -> None:
+        """For `serve --workers N`: publish every `period` s, and once more when stopped."""
+        try:
+            while True:
+                self.publish()
+                await asyncio.sleep(period)
+        finally:
+            self.publish()  # the last numbers of a worker that stops
+
     def collect(self) -> Iterator[Metric]:
         own = self.snapshot()
         counted, gauged = [own], [own]
@@ -185,14 +194,6 @@ class SharedMetrics:
             except (OSError, ValueError):
                 continue  # a worker replacing its file right now, or one that is gone
             yield snap, age < GAUGES_FRESH_FOR
-
-    async def keep_publishing(self, collector: GatewayCollector, period: float = 1.0) -> None:
-        try:
-            while True:
-                collector.publish()
-                await asyncio.sleep(period)
-        finally:
-            collector.publish()  # the last numbers of a worker that stops
 
 
 def build_registry(collector: GatewayCollector) -> CollectorRegistry:

@@ -147,7 +147,7 @@ class OpenAIAdapter:
         choice = data.choices[0]
         text = (choice.message.content if choice.message else choice.text) or ""
         calls = choice.message.tool_calls if choice.message else None
-        produced = text + "".join((c.get("function") or {}).get("arguments") or "" for c in calls or ())
+        produced = text + "".join(_arguments(calls or ()))
         return ChatResult(text=text, finish_reason=choice.finish_reason or "stop",
                           usage=self._usage(data, req, produced), id=data.id, model=data.model,
                           tool_calls=calls or None)
@@ -197,7 +197,7 @@ class OpenAIAdapter:
                         if choice.finish_reason:
                             finish = choice.finish_reason
                         if delta is not None and delta.tool_calls:
-                            produced.extend((c.get("function") or {}).get("arguments") or "" for c in delta.tool_calls)
+                            produced.extend(_arguments(delta.tool_calls))
                             yield ChatChunk(text=piece or "", tool_calls=delta.tool_calls)
                         elif piece:
                             produced.append(piece)
@@ -212,6 +212,11 @@ class OpenAIAdapter:
 
     async def aclose(self) -> None:
         await self.pool.aclose()
+
+
+def _arguments(calls: list[dict[str, Any]] | tuple[()]) -> list[str]:
+    """The argument texts of function calls (or call deltas): what the model produced for them."""
+    return [(c.get("function") or {}).get("arguments") or "" for c in calls]
 
 
 def _path(req: ChatRequest) -> str:
